@@ -1,0 +1,8 @@
+"""Prefect block types of dcm-processor-flows.
+
+`prefect block register -m blocks` registers every block type defined here.
+"""
+
+from blocks.database import DcmDatabase
+
+__all__ = ["DcmDatabase"]

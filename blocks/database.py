@@ -1,0 +1,73 @@
+"""The platform database as a Prefect block.
+
+Flows receive only the *name* of this block as a parameter: the URL, which usually carries a
+password, stays in the block's secret field (or in the worker's environment) and never becomes a
+flow-run parameter, log line or artifact.
+"""
+
+from __future__ import annotations
+
+import os
+
+from dcm_processor_db_provider import DBManager
+from prefect.blocks.core import Block
+from pydantic import Field, SecretStr
+
+ENVIRONMENT_PROVIDER = "DCM_DB_PROVIDER"
+ENVIRONMENT_URL = "DCM_DB_URL"
+ENVIRONMENT_NAME = "DCM_DB_NAME"
+
+
+class DatabaseNotConfigured(RuntimeError):
+    """Neither a database block nor the DCM_DB_* environment variables name a database."""
+
+
+class DcmDatabase(Block):
+    """Where the dcm-processor platform keeps its jobs, services, workers, sessions and files."""
+
+    _block_type_name = "DCM Database"
+    _block_type_slug = "dcm-database"
+    _description = (
+        "Connection to the dcm-processor platform database (MongoDB wire protocol). "
+        "The URL is stored as a secret."
+    )
+
+    provider: str = Field(
+        default="mongodb",
+        description="dcm_processor_db_provider provider name; `mongodb` for MongoDB and SecantusDB.",
+    )
+    url: SecretStr = Field(
+        description="Connection URL, e.g. mongodb://user:password@host:27017/?directConnection=true",
+    )
+    database_name: str = Field(
+        default="dcm-processor",
+        description="Name of the database that holds the platform's collections and GridFS buckets.",
+    )
+
+    def open(self) -> DBManager:
+        """A DBManager on this database; connections are opened lazily by the driver."""
+        return DBManager(
+            dburl=self.url.get_secret_value(), dbname=self.database_name, dbprovider=self.provider
+        )
+
+    @classmethod
+    def from_environment(cls) -> DcmDatabase:
+        """The database named by DCM_DB_PROVIDER, DCM_DB_URL and DCM_DB_NAME."""
+        url = os.environ.get(ENVIRONMENT_URL)
+        if not url:
+            raise DatabaseNotConfigured(
+                f"no database block found and {ENVIRONMENT_URL} is not set in the worker's environment"
+            )
+        return cls(
+            provider=os.environ.get(ENVIRONMENT_PROVIDER, "mongodb"),
+            url=SecretStr(url),
+            database_name=os.environ.get(ENVIRONMENT_NAME, "dcm-processor"),
+        )
+
+    @classmethod
+    def resolve(cls, block_name: str) -> DcmDatabase:
+        """The saved block called `block_name`, or the environment's database when no such block exists."""
+        try:
+            return cls.load(block_name)
+        except ValueError:
+            return cls.from_environment()

@@ -1,0 +1,1 @@
+"""dcm-processor-flows: the dcm-processor execution runtime on Prefect 3."""

@@ -1,0 +1,102 @@
+"""The `dcm-flows` command: the local stack, submitting jobs, and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from flows.stack import DEFAULT_HOME, LocalStack
+
+
+def _stack(arguments: argparse.Namespace) -> LocalStack:
+    return LocalStack(Path(arguments.home))
+
+
+def _use_running_stack(stack: LocalStack) -> None:
+    """Point this process at the local stack when it runs and no Prefect API is configured."""
+    state = stack.state()
+    if state is not None and "PREFECT_API_URL" not in os.environ:
+        stack.activate(state)
+
+
+def stack_start(arguments: argparse.Namespace) -> int:
+    state = _stack(arguments).start()
+    print(f"database     {state.database_url}\nPrefect API  {state.api_url}\nPrefect UI   {state.ui_url}")
+    print(f"logs         {_stack(arguments).logs}")
+    print(f"Use it from a shell: export PREFECT_API_URL={state.api_url}")
+    return 0
+
+
+def stack_stop(arguments: argparse.Namespace) -> int:
+    _stack(arguments).stop()
+    print("stack stopped")
+    return 0
+
+
+def stack_status(arguments: argparse.Namespace) -> int:
+    stack = _stack(arguments)
+    state = stack.state()
+    if state is None or not stack.is_running():
+        print("stack is not running")
+        return 1
+    print(f"running: Prefect UI {state.ui_url}, database {state.database_url}")
+    return 0
+
+
+def submit_job_command(arguments: argparse.Namespace) -> int:
+    from flows.submit import submit_job, wait_for_run
+
+    _use_running_stack(_stack(arguments))
+    flow_run_id = submit_job(arguments.job_id, database_block=arguments.database_block)
+    print(f"flow run {flow_run_id}")
+    if not arguments.wait:
+        return 0
+    flow_run = wait_for_run(flow_run_id)
+    assert flow_run.state is not None
+    print(f"{flow_run.state.name}: {flow_run.state.message or ''}")
+    return 0 if flow_run.state.is_completed() else 1
+
+
+def demo(arguments: argparse.Namespace) -> int:
+    from flows.demo import run_demo
+
+    outcomes = run_demo(_stack(arguments))
+    return 0 if all(state == "Completed" for _, state, _ in outcomes) else 1
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="dcm-flows", description=__doc__)
+    root.add_argument("--home", default=str(DEFAULT_HOME), help="folder of the local stack (default: %(default)s)")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    stack = commands.add_parser("stack", help="the embedded local stack (SecantusDB, Prefect server, worker)")
+    stack_commands = stack.add_subparsers(dest="action", required=True)
+    stack_commands.add_parser("start", help="start it (or show where the running one is)").set_defaults(
+        handler=stack_start
+    )
+    stack_commands.add_parser("stop", help="stop it").set_defaults(handler=stack_stop)
+    stack_commands.add_parser("status", help="is it running?").set_defaults(handler=stack_status)
+
+    submit = commands.add_parser("submit", help="run platform work through Prefect")
+    submit_commands = submit.add_subparsers(dest="what", required=True)
+    job = submit_commands.add_parser("job", help="run one job as a dcm-job flow run")
+    job.add_argument("job_id")
+    job.add_argument("--database-block", default="default")
+    job.add_argument("--wait", action="store_true", help="wait for the run and exit non-zero if it failed")
+    job.set_defaults(handler=submit_job_command)
+
+    commands.add_parser("demo", help="run the example job end to end on the local stack").set_defaults(
+        handler=demo
+    )
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = parser().parse_args(argv)
+    return arguments.handler(arguments)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""`dcm-job`: one platform job as a Prefect flow run with pre-service, execute and post-service tasks.
+
+The only parameters are the job id and the name of the database block: the job's kwargs (which
+carry patient headers and the database URL) are read from the platform database inside the run
+and never become a parameter, a task input Prefect stores, a log line or an artifact.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prefect import flow, get_run_logger, runtime, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed
+
+from blocks.database import DcmDatabase
+from flows.runtime.errors import CallbackFailed, DatabaseUnavailable
+from flows.runtime.job_run import JobRun, Outcome
+from flows.runtime.records import PlatformRecords
+
+INFRASTRUCTURE_RETRIES = 3
+INFRASTRUCTURE_RETRY_DELAYS = [2, 10, 30]
+
+
+def _is_infrastructure_failure(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a task only when the platform database did not answer, never for a bad record."""
+    try:
+        state.result()
+    except DatabaseUnavailable:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def _line_logger(logger: logging.LoggerAdapter[logging.Logger]) -> Any:
+    def log_line(stream: str, line: str) -> None:
+        logger.log(logging.WARNING if stream == "stderr" else logging.INFO, line)
+
+    return log_line
+
+
+_task_options: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
+_infrastructure_retries: dict[str, Any] = {
+    "retries": INFRASTRUCTURE_RETRIES,
+    "retry_delay_seconds": INFRASTRUCTURE_RETRY_DELAYS,
+    "retry_condition_fn": _is_infrastructure_failure,
+}
+
+
+@task(name="pre-service", **_task_options, **_infrastructure_retries)
+def pre_service(run: JobRun) -> None:
+    """Load and check the job, service and worker records, claim the job, extract the service module."""
+    run.on_line = _line_logger(get_run_logger())
+    run.prepare()
+    get_run_logger().info("%s prepared in %s", run.label, run.worker_type.describe() if run.worker_type else "-")
+
+
+@task(name="execute", **_task_options)
+def execute(run: JobRun) -> Any:
+    """Run the job's callback in a child process of its worker environment, streaming its output."""
+    run.on_line = _line_logger(get_run_logger())
+    return run.execute()
+
+
+@task(name="post-service", **_task_options, **_infrastructure_retries)
+def post_service(run: JobRun, result: Any = None, error: BaseException | None = None) -> Outcome:
+    """Run post-scripts, write the outcome to the job record, publish the outcome artifact, clean up."""
+    run.on_line = _line_logger(get_run_logger())
+    outcome = run.finish(result=result, error=error)
+    _publish(run, outcome)
+    return outcome
+
+
+def _publish(run: JobRun, outcome: Outcome) -> None:
+    create_markdown_artifact(
+        key=f"dcm-job-{run.job_id}",
+        description=f"Outcome of platform job {run.job_id}",
+        markdown="\n".join([
+            f"### {run.label}",
+            "| | |", "|---|---|",
+            f"| job id | `{run.job_id}` |",
+            f"| outcome | {'succeeded' if outcome.succeeded else 'failed'} |",
+            f"| duration | {outcome.duration_seconds:.2f} s |",
+            f"| callback attempts | {outcome.attempts} |",
+            f"| environment | {outcome.environment} |",
+        ]),
+    )
+
+
+def _run_callback(run: JobRun) -> Any:
+    """Execute, repeating a failed callback only as often as the job's `max_attempts` allows."""
+    attempt = 1
+    while True:
+        try:
+            return execute(run)
+        except CallbackFailed as failure:
+            if attempt >= run.allowed_attempts:
+                raise
+            get_run_logger().warning(
+                "attempt %d of %d failed (%s); retrying", attempt, run.allowed_attempts, failure
+            )
+            attempt += 1
+
+
+@flow(name="dcm-job", persist_result=False, log_prints=False)
+def job_flow(job_id: str, database_block: str = "default") -> Any:
+    """Run one dcm-processor job: pre-service, execute, post-service.
+
+    Args:
+        job_id: the `_id` of the job in the platform's `jobs` collection.
+        database_block: name of the `dcm-database` block; without such a block the worker's
+            DCM_DB_PROVIDER, DCM_DB_URL and DCM_DB_NAME are used.
+    """
+    database = DcmDatabase.resolve(database_block)
+    logger = get_run_logger()
+    run = JobRun(PlatformRecords(database.open()), job_id, str(runtime.flow_run.id), _line_logger(logger))
+    try:
+        pre_service(run)
+        result = _run_callback(run)
+    except Exception as error:
+        outcome = post_service(run, error=error)
+        return Failed(message=f"{run.label}: {outcome.message}")
+    except BaseException as interruption:
+        run.finish(error=CallbackFailed(f"the flow run was interrupted ({type(interruption).__name__})"))
+        raise
+    post_service(run, result=result)
+    return result

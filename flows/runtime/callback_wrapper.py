@@ -1,0 +1,61 @@
+"""Runs one callback in the worker's interpreter; copied next to `invocation.json` in the job folder.
+
+It needs nothing but the standard library (and uses dcm_processor_db_provider when the environment
+has it, to restore ObjectIds and datetimes exactly as the platform encodes them). It must stay
+compatible with every Python a worker may use, so it avoids newer syntax.
+"""
+
+import importlib
+import json
+import os
+import sys
+import traceback
+
+FOLDER = os.path.dirname(os.path.abspath(__file__))
+
+
+def decoder(provider):
+    try:
+        from dcm_processor_db_provider import DBManager
+    except ImportError:
+        return json.loads
+    return lambda text: DBManager.from_json(text, provider)
+
+
+def call(invocation):
+    for folder in reversed(invocation["search_path"]):
+        sys.path.insert(0, folder)
+    decode = decoder(invocation["provider"])
+    args = decode(invocation["args"])
+    kwargs = decode(invocation["kwargs"])
+    module = importlib.import_module(invocation["module"])
+    function = getattr(module, invocation["function"])
+    return function(*args, **kwargs)
+
+
+def outcome_of(invocation):
+    try:
+        value = call(invocation)
+    except BaseException as error:
+        traceback.print_exc()
+        return {"error": {"message": "%s: %s" % (type(error).__name__, error), "traceback": traceback.format_exc()}}
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as error:
+        message = "callback returned a %s, which is not JSON: %s" % (type(value).__name__, error)
+        return {"error": {"message": message, "traceback": ""}}
+    return {"result": value}
+
+
+def main():
+    with open(os.path.join(FOLDER, "invocation.json")) as stream:
+        invocation = json.load(stream)
+    outcome = outcome_of(invocation)
+    partial = os.path.join(FOLDER, "result.json.partial")
+    with open(partial, "w") as stream:
+        json.dump(outcome, stream)
+    os.replace(partial, os.path.join(FOLDER, "result.json"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The one builder of a callback's environment: the DCM-PROCESSOR-SERVICE-* variables and nothing secret.
+
+`dcm_processor_service` reads these variables (their names contain dashes) to reach session data
+and files. The worker's own Prefect settings and database variables are removed, so a callback
+cannot act on Prefect with the worker's credentials.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from dcm_processor_db_provider import DBManager
+
+from flows.runtime.records import JobRecord
+
+SERVICE_PREFIX = "DCM-PROCESSOR-SERVICE-"
+WITHHELD_PREFIXES = ("PREFECT_", "DCM_DB_")
+
+
+def service_variables(job: JobRecord, database: DBManager) -> dict[str, str]:
+    """The variables the platform's service helpers expect, for this job and this database."""
+    values = {
+        "DB-PROVIDER": database.dbprovider,
+        "DB-URL": database.dburl,
+        "DB-NAME": database.dbname,
+        "SESSION-ID": job.session_id,
+        "JOB-ID": job.id,
+        "JOB-EVENT": job.event or job.kwargs.get("event"),
+        "JOB-NAME": job.job_name,
+        "JOB-SERVICE-NAME": job.service_name,
+        "PEER-ID": job.peer_id,
+    }
+    return {SERVICE_PREFIX + name: "" if value is None else str(value) for name, value in values.items()}
+
+
+def child_environment(
+    service: Mapping[str, str], extra: Mapping[str, str] | None = None, base: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The worker's environment without its Prefect and database settings, plus the service variables."""
+    inherited = os.environ if base is None else base
+    environment = {
+        name: value for name, value in inherited.items() if not name.startswith(WITHHELD_PREFIXES)
+    }
+    environment.update(service)
+    environment.update(extra or {})
+    environment["PYTHONUNBUFFERED"] = "1"
+    return environment

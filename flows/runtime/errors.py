@@ -1,0 +1,42 @@
+"""Why a job could not run, as exceptions whose messages are written to the job record.
+
+Messages name ids, fields and causes; they never quote `headers` or other patient data.
+"""
+
+from __future__ import annotations
+
+
+class JobError(Exception):
+    """A job cannot run or did not succeed; the message is what the job record will say."""
+
+
+class JobNotFound(JobError):
+    """No job record has the requested id."""
+
+
+class InvalidRecord(JobError):
+    """A job, service or worker record is missing a field, or a field has the wrong type."""
+
+
+class UnknownWorkerType(JobError):
+    """The job's worker has a type this runtime cannot run."""
+
+
+class JobNotRunnable(JobError):
+    """The job is already done, already claimed by another run, or waits for a dependency."""
+
+
+class ArchiveError(JobError):
+    """An archive is corrupt, too large, or has an entry that would land outside its folder."""
+
+
+class CallbackFailed(JobError):
+    """The callback raised, crashed, timed out, was killed or returned something that is not JSON."""
+
+    def __init__(self, message: str, traceback: str = "") -> None:
+        super().__init__(message)
+        self.traceback = traceback
+
+
+class DatabaseUnavailable(Exception):
+    """The platform database did not answer; an infrastructure failure that is worth retrying."""

@@ -1,0 +1,109 @@
+"""Child processes for callbacks: live line streaming, a timeout, and killing the whole process tree.
+
+The child is started in a session of its own so that the timeout (or a cancelled flow run, which
+raises in the flow's main thread) can signal every process the callback started, not only the one
+this runtime started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+LineHandler = Callable[[str, str], None]
+"""Called with the stream name ("stdout" or "stderr") and one line, as soon as the line is written."""
+
+GRACE_SECONDS = 3.0
+READER_JOIN_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class ChildExit:
+    """How a child process ended."""
+
+    returncode: int
+    timed_out_after: float | None = None
+
+    @property
+    def signal_name(self) -> str | None:
+        if self.returncode >= 0:
+            return None
+        try:
+            return signal.Signals(-self.returncode).name
+        except ValueError:
+            return f"signal {-self.returncode}"
+
+
+def _stream_lines(stream: IO[bytes], name: str, on_line: LineHandler) -> None:
+    with stream:
+        for raw in iter(stream.readline, b""):
+            on_line(name, raw.decode("utf-8", errors="replace").rstrip("\r\n"))
+
+
+def _signal_group(process_group: int, signal_number: int) -> bool:
+    try:
+        os.killpg(process_group, signal_number)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def kill_process_tree(process: subprocess.Popen[bytes], grace_seconds: float = GRACE_SECONDS) -> None:
+    """SIGTERM the child's process group, then SIGKILL whatever is still alive after the grace period."""
+    if not _signal_group(process.pid, signal.SIGTERM):
+        process.wait()
+        return
+    deadline = time.monotonic() + grace_seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None and not _group_alive(process.pid):
+            return
+        time.sleep(0.05)
+    _signal_group(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _group_alive(process_group: int) -> bool:
+    try:
+        os.killpg(process_group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def run_child(
+    command: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    cwd: Path,
+    timeout_seconds: float | None,
+    on_line: LineHandler,
+) -> ChildExit:
+    """Run `command`, hand each output line to `on_line`, enforce the timeout, never leave it running."""
+    process = subprocess.Popen(
+        list(command), cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    readers = [
+        threading.Thread(target=_stream_lines, args=(stream, name, on_line), daemon=True)
+        for stream, name in ((process.stdout, "stdout"), (process.stderr, "stderr"))
+    ]
+    for reader in readers:
+        reader.start()
+    timed_out_after = None
+    try:
+        process.wait(timeout=timeout_seconds)
+    except subprocess.TimeoutExpired:
+        timed_out_after = timeout_seconds
+    finally:
+        # Also reached when the flow run is cancelled: Prefect raises in this thread.
+        kill_process_tree(process)
+        for reader in readers:
+            reader.join(READER_JOIN_SECONDS)
+    return ChildExit(returncode=process.returncode, timed_out_after=timed_out_after)

@@ -1,0 +1,75 @@
+"""The small interface every worker type implements, and the registry that picks one for a job."""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from flows.runtime.callback import Callback, read_outcome, write_invocation
+from flows.runtime.errors import InvalidRecord, UnknownWorkerType
+from flows.runtime.process import LineHandler, run_child
+from flows.runtime.records import WorkerRecord
+
+_REGISTRY: dict[str | None, type[WorkerType]] = {}
+
+
+class WorkerType(ABC):
+    """Runs callbacks in one kind of environment.
+
+    Subclasses name the `workers.type` values they handle in `record_types` (None stands for jobs
+    without a worker) and the `dcm-job` deployment that must run their jobs.
+    """
+
+    record_types: ClassVar[tuple[str | None, ...]] = ()
+    deployment: ClassVar[str] = "process"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for record_type in cls.record_types:
+            _REGISTRY[record_type] = cls
+
+    def __init__(self, worker: WorkerRecord | None) -> None:
+        self.worker = worker
+
+    @abstractmethod
+    def interpreter(self) -> Path:
+        """The Python executable that runs this worker's callbacks."""
+
+    def describe(self) -> str:
+        """How the job records and the run artifact name the environment."""
+        name = f" '{self.worker.name}'" if self.worker else ""
+        return f"{type(self).__name__}{name} ({self.interpreter()})"
+
+    def check(self) -> None:
+        """Fail before anything runs when the environment is not usable."""
+        interpreter = self.interpreter()
+        if not (interpreter.is_file() and os.access(interpreter, os.X_OK)):
+            raise InvalidRecord(f"{self.describe()}: interpreter {interpreter} does not exist on this host")
+
+    def run(
+        self,
+        callback: Callback,
+        folder: Path,
+        environment: Mapping[str, str],
+        timeout_seconds: float | None,
+        on_line: LineHandler,
+    ) -> Any:
+        """Run `callback` in a child process of this environment and return its value."""
+        wrapper = write_invocation(folder, callback)
+        child = run_child(
+            [str(self.interpreter()), "-u", str(wrapper)],
+            env=environment, cwd=folder, timeout_seconds=timeout_seconds, on_line=on_line,
+        )
+        return read_outcome(folder, callback, child)
+
+
+def worker_type_for(worker: WorkerRecord | None) -> WorkerType:
+    """The worker type that runs jobs of `worker` (None: the job has no worker)."""
+    record_type = worker.type if worker else None
+    if record_type not in _REGISTRY:
+        known = ", ".join(sorted(str(name) for name in _REGISTRY if name))
+        raise UnknownWorkerType(f"worker '{worker.name}' has type '{record_type}'; this runtime runs {known}")
+    return _REGISTRY[record_type](worker)

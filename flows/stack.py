@@ -1,0 +1,232 @@
+"""The embedded local stack: SecantusDB, a Prefect server on SQLite, the work pool, deployments and a worker.
+
+This is what `dcm-flows stack start`, `make demo` and the test fixtures use, so the development set-up
+and the tested set-up are the same. Each service is a separate process started in a session of its
+own (it outlives the command that started it); `stack.json` in the stack's home records where
+everything is, and `stop` ends it all. A hospital installation replaces these pieces by real MongoDB,
+a Prefect server on PostgreSQL and workers on several hosts; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from blocks.database import ENVIRONMENT_NAME, ENVIRONMENT_PROVIDER, ENVIRONMENT_URL, DcmDatabase
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_HOME = Path(os.environ.get("DCM_FLOWS_HOME", PROJECT_DIR / ".dcm-flows"))
+PROCESS_POOL = "dcm-process"
+DATABASE_NAME = "dcm-processor"
+DATABASE_BLOCK = "default"
+START_TIMEOUT_SECONDS = 90
+STOP_TIMEOUT_SECONDS = 15
+
+
+class StackError(RuntimeError):
+    """A service of the local stack did not start."""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _executable(name: str) -> str:
+    """A console script of this environment (next to its Python), else one on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise StackError(f"'{name}' is not installed; run `make install` first")
+    return found
+
+
+def _wait(what: str, ready: Callable[[], bool], log: Path, timeout: float = START_TIMEOUT_SECONDS) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        time.sleep(0.2)
+    raise StackError(f"{what} did not become ready within {timeout:g} s; see {log}")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@dataclass
+class StackState:
+    """What `stack.json` records about a running stack."""
+
+    database_url: str
+    api_url: str
+    ui_url: str
+    processes: dict[str, int] = field(default_factory=dict)
+
+    def environment(self) -> dict[str, str]:
+        """Variables that point Prefect clients and flows at this stack."""
+        return {
+            "PREFECT_API_URL": self.api_url,
+            ENVIRONMENT_PROVIDER: "mongodb",
+            ENVIRONMENT_URL: self.database_url,
+            ENVIRONMENT_NAME: DATABASE_NAME,
+        }
+
+
+class LocalStack:
+    """Starts, describes and stops the embedded services below one home folder."""
+
+    def __init__(self, home: Path = DEFAULT_HOME) -> None:
+        self.home = home.resolve()
+        self.state_file = self.home / "stack.json"
+        self.logs = self.home / "logs"
+
+    def state(self) -> StackState | None:
+        if not self.state_file.exists():
+            return None
+        return StackState(**json.loads(self.state_file.read_text()))
+
+    def is_running(self) -> bool:
+        state = self.state()
+        return state is not None and _http_ok(f"{state.api_url}/health")
+
+    def _spawn(self, name: str, command: list[str], environment: dict[str, str]) -> int:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with open(self.logs / f"{name}.log", "ab") as log:
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **environment}, start_new_session=True, cwd=PROJECT_DIR,
+            )
+        return process.pid
+
+    def _prefect_environment(self, api_url: str | None = None) -> dict[str, str]:
+        environment = {
+            "PREFECT_HOME": str(self.home / "prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_ENABLED": "true",
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.5",
+        }
+        if api_url:
+            environment["PREFECT_API_URL"] = api_url
+        return environment
+
+    def start(self) -> StackState:
+        """Start every service, register blocks, pool and deployments; return where they are."""
+        if self.is_running():
+            state = self.state()
+            assert state is not None
+            self.activate(state)
+            return state
+        self.stop()
+        self.home.mkdir(parents=True, exist_ok=True)
+        database_port, api_port = free_port(), free_port()
+        state = StackState(
+            database_url=f"mongodb://127.0.0.1:{database_port}/?directConnection=true",
+            api_url=f"http://127.0.0.1:{api_port}/api",
+            ui_url=f"http://127.0.0.1:{api_port}",
+        )
+        (self.home / "database").mkdir(exist_ok=True)
+        state.processes["database"] = self._spawn("database", [
+            _executable("secantusd-py"), "--host", "127.0.0.1", "--port", str(database_port),
+            "--storage-path", str(self.home / "database"),
+        ], {})
+        self._save(state)
+        state.processes["prefect-server"] = self._spawn("prefect-server", [
+            _executable("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(api_port),
+        ], self._prefect_environment())
+        self._save(state)
+        _wait("SecantusDB", lambda: _port_open(database_port), self.logs / "database.log")
+        _wait("Prefect server", lambda: _http_ok(f"{state.api_url}/health"), self.logs / "prefect-server.log")
+        self.configure(state)
+        state.processes["process-worker"] = self._spawn("process-worker", [
+            _executable("prefect"), "worker", "start", "--pool", PROCESS_POOL, "--type", "process",
+        ], {**self._prefect_environment(state.api_url), **state.environment()})
+        self._save(state)
+        return state
+
+    def configure(self, state: StackState) -> None:
+        """Register the block types, save the database block, create the pool, deploy from prefect.yaml."""
+        environment = {**os.environ, **self._prefect_environment(state.api_url)}
+        prefect = _executable("prefect")
+        commands = [
+            [prefect, "block", "register", "-m", "blocks"],
+            [prefect, "work-pool", "create", PROCESS_POOL, "--type", "process", "--overwrite"],
+            [prefect, "--no-prompt", "deploy", "--all"],
+        ]
+        for command in commands:
+            completed = subprocess.run(command, cwd=PROJECT_DIR, env=environment, capture_output=True, text=True)
+            if completed.returncode != 0:
+                raise StackError(f"`{' '.join(command[1:])}` failed:\n{completed.stdout}\n{completed.stderr}")
+        self.activate(state)
+        DcmDatabase(url=SecretStr(state.database_url), database_name=DATABASE_NAME).save(
+            DATABASE_BLOCK, overwrite=True
+        )
+
+    def activate(self, state: StackState) -> None:
+        """Point this process's Prefect client (and the database fallback) at the stack."""
+        os.environ.update({**self._prefect_environment(state.api_url), **state.environment()})
+
+    def _save(self, state: StackState) -> None:
+        self.state_file.write_text(json.dumps(asdict(state), indent=2))
+
+    def stop(self) -> None:
+        """Stop the worker, the server and the database, in that order."""
+        state = self.state()
+        if state is None:
+            return
+        for name in reversed(list(state.processes)):
+            _terminate(state.processes[name])
+        self.state_file.unlink(missing_ok=True)
+
+
+def _terminate(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        _reap(pid)
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status when this process started `pid`, so it does not linger as a zombie."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass

@@ -1,0 +1,62 @@
+"""What the scheduler (and the CLI) call to run platform jobs through the Prefect API.
+
+`submit_job(job_id)` creates a flow run of the `dcm-job` deployment that fits the job's worker type
+and returns its id at once; the job's own data stays in the platform database.
+"""
+
+from __future__ import annotations
+
+import time
+from uuid import UUID
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
+
+from blocks.database import DcmDatabase
+from flows.runtime.records import JobRecord, PlatformRecords
+from flows.runtime.workers import worker_type_for
+
+JOB_FLOW_NAME = "dcm-job"
+DEFAULT_DATABASE_BLOCK = "default"
+
+
+def job_deployment(job: JobRecord, records: PlatformRecords) -> str:
+    """`dcm-job/<pool kind>` for the job's worker type (`process` for venv workers and no worker)."""
+    worker = records.worker(job.worker_id) if job.is_service_job and job.worker_id else None
+    return f"{JOB_FLOW_NAME}/{worker_type_for(worker).deployment}"
+
+
+def submit_job(job_id: str, database_block: str = DEFAULT_DATABASE_BLOCK) -> UUID:
+    """Start a `dcm-job` flow run for the platform job `job_id`; return the flow run's id.
+
+    Called inside a flow, the job's run becomes a child of that flow's run.
+    """
+    records = PlatformRecords(DcmDatabase.resolve(database_block).open())
+    job = records.job(job_id)
+    tags = ["dcm-job"]
+    if job.service_name:
+        tags.append(f"service:{job.service_name}")
+    if job.session_id:
+        tags.append(f"session:{job.session_id}")
+    flow_run = run_deployment(
+        name=job_deployment(job, records),
+        parameters={"job_id": job_id, "database_block": database_block},
+        flow_run_name=f"{job.label} {job_id}",
+        tags=tags,
+        timeout=0,
+    )
+    return flow_run.id
+
+
+def wait_for_run(flow_run_id: UUID, timeout_seconds: float = 600, poll_seconds: float = 0.5) -> FlowRun:
+    """Poll the Prefect API until the flow run is in a final state, or raise TimeoutError."""
+    deadline = time.monotonic() + timeout_seconds
+    with get_client(sync_client=True) as client:
+        while True:
+            flow_run = client.read_flow_run(flow_run_id)
+            if flow_run.state is not None and flow_run.state.is_final():
+                return flow_run
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"flow run {flow_run_id} did not finish within {timeout_seconds:g} s")
+            time.sleep(poll_seconds)

@@ -1,0 +1,112 @@
+"""Records made the way the platform makes them: services, workers, sessions and jobs.
+
+Jobs are created with the unmodified `DBManager.create_job` and the kwargs layout of the platform's
+job scheduler (`handle_stable_object`), so the runtime sees exactly what it sees in production.
+"""
+
+from __future__ import annotations
+
+import io
+import textwrap
+import zipfile
+from dataclasses import dataclass
+from typing import Any
+
+from dcm_processor_db_provider import DBManager
+
+from flows.runtime.records import POST_SERVICES_JOB, PRE_SERVICES_JOB, SERVICE_JOB, PlatformRecords
+
+PATIENT_NAME = "Doe^Janet-Sensitive"
+
+
+def zip_files(files: dict[str, str]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, text in files.items():
+            archive.writestr(name, textwrap.dedent(text))
+    return buffer.getvalue()
+
+
+@dataclass
+class Platform:
+    """Creates platform records in one database for a test."""
+
+    manager: DBManager
+
+    @property
+    def records(self) -> PlatformRecords:
+        return PlatformRecords(self.manager)
+
+    def upload(self, content: bytes, name: str) -> Any:
+        return self.manager.upload_component_file(
+            file=content, metadata={"test": name}, params={"filename": name, "content_type": "application/zip"}
+        )
+
+    def service(self, name: str, module_source: str, extra_files: dict[str, str] | None = None,
+                module_zip: bytes | None = None) -> str:
+        files = {"__init__.py": module_source, **(extra_files or {})}
+        module_id = self.upload(module_zip if module_zip is not None else zip_files(files), f"{name}-module.zip")
+        registry_id = self.upload(zip_files({"__init__.py": "def accept(**kwargs):\n    return True, {}\n"}),
+                                  f"{name}-registry.zip")
+        return self.manager.db.create("services", {
+            "name": name, "version": "0.0.1", "module": module_id, "registry": registry_id,
+            "jobs": [{"jobName": "run", "workerEntry": "run", "registryEntry": "accept",
+                      "events": ["stable-series"]}],
+        })
+
+    def venv_worker(self, name: str, python: str, scripts: dict[str, str] | None = None,
+                    pre_scripts: list[str] | None = None, post_scripts: list[str] | None = None) -> str:
+        worker_files = {
+            script: self.upload(textwrap.dedent(source).encode(), script) for script, source in (scripts or {}).items()
+        }
+        return self.manager.db.create("workers", {
+            "name": name, "type": "venv", "version": "0.0.1", "path": "/", "venv_path": "",
+            "venv_python_path": python, "params": {}, "worker_files": worker_files,
+            "pre_scripts": pre_scripts or [], "post_scripts": post_scripts or [],
+        })
+
+    def session(self) -> str:
+        return self.manager.create_session({"patient_id": self.manager.make_oid(None), "peer_id": "test-peer"})
+
+    def series_headers(self) -> dict[str, Any]:
+        return {
+            "_id": self.manager.make_oid(None), "PatientUID": "hashed-uid", "PeerUID": "test-peer",
+            "Instances": [], "Metadata": {"PatientName": PATIENT_NAME, "Modality": "MR"},
+        }
+
+    def _database_kwargs(self) -> dict[str, Any]:
+        return {"db_provider": self.manager.dbprovider, "db_name": self.manager.dbname,
+                "db_url": self.manager.dburl}
+
+    def service_job(self, service_id: str, *, session_id: str | None = None, worker_id: str | None = None,
+                    timeout: Any = None, entry: str = "run", max_attempts: int = 1,
+                    depends_on: list[Any] | None = None) -> str:
+        session_id = session_id or self.session()
+        kwargs = {
+            "job_name": "run", "worker_id": self.manager.make_oid(worker_id) if worker_id else None,
+            "worker_type": "venv" if worker_id else None, "service_id": self.manager.make_oid(service_id),
+            "event": "stable-series", "session_id": session_id, "headers": self.series_headers(),
+            "added_params": {}, "params": {"threshold": 3}, **self._database_kwargs(),
+        }
+        job_id = self.manager.create_job(
+            session_id=session_id, function_name=SERVICE_JOB, kwargs=kwargs, channel="test-device",
+            depends_on=depends_on or [], job_name="run", service_name=self.service_name(service_id),
+            job_event="stable-series", job_worker_entry=entry, job_timeout=timeout, peer_id="test-peer",
+        )
+        if max_attempts != 1:
+            self.manager.db.update("jobs", job_id, {"$set": {"max_attempts": max_attempts}})
+        return str(job_id)
+
+    def session_hook_job(self, session_id: str, pre: bool) -> str:
+        kwargs = {"session_id": session_id, "headers": self.series_headers(), "added_params": {}, "params": {},
+                  **self._database_kwargs()}
+        return str(self.manager.create_job(
+            session_id=session_id, function_name=PRE_SERVICES_JOB if pre else POST_SERVICES_JOB,
+            kwargs=kwargs, channel="test-device", depends_on=[], peer_id="test-peer",
+        ))
+
+    def service_name(self, service_id: str) -> str:
+        return self.manager.get_service_by_id(service_id)["name"]
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.manager.get_job_by_id(job_id)

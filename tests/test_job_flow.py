@@ -1,0 +1,307 @@
+"""The dcm-job flow against the real stack: a process worker, SecantusDB and real virtual environments."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, TaskRunFilter
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.states import Cancelling
+
+from blocks.database import DcmDatabase
+from flows.runtime.environment import SERVICE_PREFIX
+from flows.stack import StackState
+from flows.submit import submit_job
+from tests.conftest import eventually, finished, read_flow_run, read_logs
+from tests.platform import PATIENT_NAME, Platform, zip_files
+
+pytestmark = pytest.mark.integration
+
+SERVICE_VARIABLES = [
+    "DB-PROVIDER", "DB-URL", "DB-NAME", "SESSION-ID", "JOB-ID", "JOB-EVENT", "JOB-NAME",
+    "JOB-SERVICE-NAME", "PEER-ID",
+]
+
+ENVIRONMENT_REPORTING_SERVICE = """
+import os, sys
+from dcm_processor_service import set_session_data, get_session_data
+
+def run(session_id, job_name, headers, params, added_params, **kwargs):
+    set_session_data("seen", {"threshold": params["threshold"]})
+    return {
+        "python": sys.executable,
+        "variables": {k: v for k, v in os.environ.items() if k.startswith("DCM-PROCESSOR-SERVICE-")},
+        "prefect_variables": sorted(k for k in os.environ if k.startswith("PREFECT_")),
+        "session_data": get_session_data("seen"),
+        "headers_id": str(headers["_id"]),
+        "job_name": job_name,
+    }
+"""
+
+
+def run_job(job_id: str, timeout: float = 180):
+    flow_run_id = submit_job(job_id)
+    return flow_run_id, finished(flow_run_id, timeout)
+
+
+def test_job_without_worker_runs_in_the_runtime_interpreter_and_records_its_value(
+    platform: Platform, stack: StackState
+) -> None:
+    job_id = platform.service_job(platform.service("report-local", ENVIRONMENT_REPORTING_SERVICE))
+
+    completed = subprocess.run(
+        [str(Path(sys.executable).parent / "prefect"), "deployment", "run", "dcm-job/process", "-p", f"job_id={job_id}", "--watch"],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "PREFECT_API_URL": stack.api_url},
+    )
+
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    record = platform.job(job_id)
+    assert record["done"] is True and record["inProgress"] is False and record["progress"] == 100
+    assert record["completedAt"] is not None
+    result = record["result"]
+    assert Path(result["python"]).resolve() == Path(sys.executable).resolve()
+    assert result["session_data"] == {"threshold": 3}
+    assert result["job_name"] == "run"
+
+
+def test_venv_worker_job_runs_with_the_worker_python_and_sees_every_service_variable(
+    platform: Platform, service_venv: Path, database: DcmDatabase
+) -> None:
+    worker_id = platform.venv_worker("report-venv-worker", str(service_venv))
+    job_id = platform.service_job(platform.service("report-venv", ENVIRONMENT_REPORTING_SERVICE), worker_id=worker_id)
+
+    _, flow_run = run_job(job_id)
+
+    assert flow_run.state.is_completed(), flow_run.state.message
+    record = platform.job(job_id)
+    result = record["result"]
+    assert result["python"] == str(service_venv)
+    assert sorted(result["variables"]) == sorted(SERVICE_PREFIX + name for name in SERVICE_VARIABLES)
+    variables = result["variables"]
+    assert variables[SERVICE_PREFIX + "JOB-ID"] == job_id
+    assert variables[SERVICE_PREFIX + "SESSION-ID"] == str(record["sessionId"])
+    assert variables[SERVICE_PREFIX + "DB-URL"] == database.url.get_secret_value()
+    assert variables[SERVICE_PREFIX + "JOB-EVENT"] == "stable-series"
+    assert variables[SERVICE_PREFIX + "JOB-SERVICE-NAME"] == "report-venv"
+    assert variables[SERVICE_PREFIX + "PEER-ID"] == "test-peer"
+    assert result["prefect_variables"] == [], "the worker's Prefect settings must not reach callbacks"
+    assert result["session_data"] == {"threshold": 3}
+
+
+def test_worker_pre_and_post_scripts_run_around_the_callback_with_a_session_dir(
+    platform: Platform, service_venv: Path
+) -> None:
+    script = """
+    import os
+    from dcm_processor_service import set_session_data
+    def callback(session_id, job_name, headers, params, added_params, session_dir, **kwargs):
+        set_session_data("{name}", {{"session_dir_exists": os.path.isdir(session_dir)}})
+    """
+    worker_id = platform.venv_worker(
+        "scripted-worker", str(service_venv),
+        scripts={"pre.py": script.format(name="pre"), "post.py": script.format(name="post")},
+        pre_scripts=["pre.py"], post_scripts=["post.py"],
+    )
+    service = """
+    from dcm_processor_service import get_session_data
+    def run(**kwargs):
+        return {"pre_ran_before": get_session_data("pre")}
+    """
+    job_id = platform.service_job(platform.service("scripted", service), worker_id=worker_id)
+
+    _, flow_run = run_job(job_id)
+
+    assert flow_run.state.is_completed(), flow_run.state.message
+    assert platform.job(job_id)["result"] == {"pre_ran_before": {"session_dir_exists": True}}
+    post = platform.manager.get_session_data(job_id=job_id, name="post")
+    assert post["value"] == {"session_dir_exists": True}
+
+
+def test_pre_and_post_services_jobs_run_the_session_hooks_of_dcm_processor_service(platform: Platform) -> None:
+    session_id = platform.session()
+    pre_job = platform.session_hook_job(session_id, pre=True)
+    post_job = platform.session_hook_job(session_id, pre=False)
+
+    pre_run_id, pre_run = run_job(pre_job)
+    _, post_run = run_job(post_job)
+
+    assert pre_run.state.is_completed() and post_run.state.is_completed()
+    assert any("PRE SERVICES CALLED!" in log.message for log in read_logs(pre_run_id))
+    assert platform.job(pre_job)["done"] and platform.job(post_job)["done"]
+    assert platform.manager.get_session(session_id) is None, "post-services cleans up the session"
+
+
+def test_unknown_job_fails_the_run_with_a_clear_message(stack: StackState) -> None:
+    from prefect.deployments import run_deployment
+
+    flow_run = run_deployment("dcm-job/process", parameters={"job_id": "0123456789abcdef01234567"}, timeout=0)
+    final = finished(flow_run.id)
+
+    assert final.state.is_failed()
+    assert "no job with id 0123456789abcdef01234567" in final.state.message
+
+
+def test_archive_entry_escaping_the_module_folder_fails_the_job_and_writes_nothing_outside(
+    platform: Platform, tmp_path: Path
+) -> None:
+    target = Path("/tmp/dcm-escape-test-marker")
+    target.unlink(missing_ok=True)
+    archive = zip_files({"__init__.py": "def run(**kwargs):\n    return 1\n", "../../../../../../tmp/dcm-escape-test-marker": "x"})
+    job_id = platform.service_job(platform.service("escaping", "", module_zip=archive))
+
+    _, flow_run = run_job(job_id)
+
+    assert flow_run.state.is_failed()
+    record = platform.job(job_id)
+    assert record["error"] is True and record["inProgress"] is False and record["attempts"] == 1
+    assert "escapes the destination folder" in record["errorMessage"]
+    assert not target.exists()
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("def run(**kwargs):\n    raise ValueError('boom')\n", "ValueError: boom"),
+        ("import os\ndef run(**kwargs):\n    os._exit(3)\n", "exited with code 3"),
+        ("def run(**kwargs):\n    return object()\n", "not JSON"),
+    ],
+    ids=["raises", "exits-3", "not-json"],
+)
+def test_failing_callback_leaves_run_failed_and_record_saying_why(
+    platform: Platform, source: str, expected: str
+) -> None:
+    job_id = platform.service_job(platform.service(f"failing-{abs(hash(source))}", source))
+
+    _, flow_run = run_job(job_id)
+
+    assert flow_run.state.is_failed()
+    record = platform.job(job_id)
+    assert record["error"] is True and record["done"] is False and record["inProgress"] is False
+    assert expected in record["errorMessage"]
+    assert record["attempts"] == 1 and record["lastErrorAt"] is not None
+
+
+SLEEPER = """
+import os, time
+def run(session_id, job_name, headers, params, added_params, **kwargs):
+    with open(params["pid_file"], "w") as stream:
+        stream.write(str(os.getpid()))
+    print("first line", flush=True)
+    time.sleep(params.get("sleep", 120))
+    print("second line", flush=True)
+    return "slept"
+"""
+
+
+def sleeper_job(platform: Platform, tmp_path: Path, timeout=None, sleep: float = 120) -> tuple[str, Path]:
+    pid_file = tmp_path / "callback.pid"
+    job_id = platform.service_job(platform.service(f"sleeper-{tmp_path.name}", SLEEPER), timeout=timeout)
+    platform.manager.db.update("jobs", job_id, {"$set": {
+        "data.kwargs.params": {"pid_file": str(pid_file), "sleep": sleep}
+    }})
+    return job_id, pid_file
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split()[2] != "Z"
+
+
+def test_callback_running_past_its_timeout_is_killed_and_recorded(platform: Platform, tmp_path: Path) -> None:
+    job_id, pid_file = sleeper_job(platform, tmp_path, timeout="3s")
+
+    _, flow_run = run_job(job_id)
+
+    assert flow_run.state.is_failed()
+    assert "timed out after 3 s" in platform.job(job_id)["errorMessage"]
+    assert not process_alive(int(pid_file.read_text()))
+
+
+def test_cancelling_the_run_kills_the_callback_and_records_the_interruption(
+    platform: Platform, tmp_path: Path
+) -> None:
+    job_id, pid_file = sleeper_job(platform, tmp_path)
+    flow_run_id = submit_job(job_id)
+    eventually(pid_file.exists, timeout=120)
+    pid = int(pid_file.read_text())
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
+    final = finished(flow_run_id)
+
+    assert final.state.is_cancelled()
+    eventually(lambda: not process_alive(pid), timeout=30)
+    record = eventually(lambda: (job := platform.job(job_id))["error"] and job, timeout=30)
+    assert "interrupted" in record["errorMessage"] and record["inProgress"] is False
+
+
+def test_callback_output_reaches_the_prefect_logs_while_it_runs(platform: Platform, tmp_path: Path) -> None:
+    job_id, pid_file = sleeper_job(platform, tmp_path, sleep=12)
+    flow_run_id = submit_job(job_id)
+
+    eventually(lambda: any(log.message == "first line" for log in read_logs(flow_run_id)), timeout=120)
+
+    assert not read_flow_run(flow_run_id).state.is_final(), "the first line arrived before the run ended"
+    final = finished(flow_run_id)
+    assert final.state.is_completed()
+    assert any(log.message == "second line" for log in read_logs(flow_run_id))
+
+
+def test_failed_callback_is_retried_only_when_the_job_allows_more_attempts(
+    platform: Platform, tmp_path: Path
+) -> None:
+    marker = tmp_path / "first-attempt-done"
+    source = f"""
+import os
+def run(**kwargs):
+    if not os.path.exists({str(marker)!r}):
+        open({str(marker)!r}, "w").close()
+        raise RuntimeError("transient")
+    return "second attempt"
+"""
+    job_id = platform.service_job(platform.service("flaky", source), max_attempts=2)
+
+    _, flow_run = run_job(job_id)
+
+    assert flow_run.state.is_completed(), flow_run.state.message
+    assert platform.job(job_id)["result"] == "second attempt"
+
+
+def test_no_patient_data_or_database_url_reaches_prefect(
+    platform: Platform, database: DcmDatabase, stack: StackState
+) -> None:
+    source = "def run(session_id, job_name, headers, params, added_params, **kwargs):\n    return 'ok'\n"
+    job_id = platform.service_job(platform.service("private", source))
+    flow_run_id, flow_run = run_job(job_id)
+    assert flow_run.state.is_completed()
+
+    with get_client(sync_client=True) as client:
+        stored = {
+            "flow_run": client.read_flow_run(flow_run_id).model_dump(mode="json"),
+            "task_runs": [run.model_dump(mode="json") for run in client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), task_run_filter=TaskRunFilter()
+            )],
+            "logs": [log.model_dump(mode="json") for log in read_logs(flow_run_id)],
+            "artifacts": [artifact.model_dump(mode="json") for artifact in client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+            )],
+        }
+    text = json.dumps(stored)
+
+    assert stored["artifacts"], "the outcome artifact exists"
+    assert len(stored["task_runs"]) == 3
+    assert stored["flow_run"]["parameters"] == {"job_id": job_id, "database_block": "default"}
+    url = database.url.get_secret_value()
+    for secret in (PATIENT_NAME, "Doe^", url, urlparse(url).netloc):
+        assert secret not in text
