@@ -13,10 +13,11 @@ from typing import Any
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Failed
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.states import Cancelled, Failed
 
 from blocks.database import DcmDatabase
-from flows.runtime.errors import CallbackFailed, DatabaseUnavailable
+from flows.runtime.errors import CallbackFailed, DatabaseUnavailable, RunCancelled
 from flows.runtime.job_run import JobRun, Outcome
 from flows.runtime.records import PlatformRecords
 
@@ -58,11 +59,26 @@ def pre_service(run: JobRun) -> None:
     get_run_logger().info("%s prepared in %s", run.label, run.worker_type.describe() if run.worker_type else "-")
 
 
+def _cancellation_check(client: SyncPrefectClient, flow_run_id: str) -> Any:
+    """True once the flow run is Cancelling: the worker's own cancellation is not relied upon alone."""
+
+    def cancelling() -> bool:
+        state = client.read_flow_run(flow_run_id).state
+        return state is not None and state.is_cancelling()
+
+    return cancelling
+
+
 @task(name="execute", **_task_options)
 def execute(run: JobRun) -> Any:
     """Run the job's callback in a child process of its worker environment, streaming its output."""
     run.on_line = _line_logger(get_run_logger())
-    return run.execute()
+    with get_client(sync_client=True) as client:
+        run.should_stop = _cancellation_check(client, run.flow_run_id)
+        try:
+            return run.execute()
+        finally:
+            run.should_stop = None
 
 
 @task(name="post-service", **_task_options, **_infrastructure_retries)
@@ -120,6 +136,9 @@ def job_flow(job_id: str, database_block: str = "default") -> Any:
     try:
         pre_service(run)
         result = _run_callback(run)
+    except RunCancelled as cancellation:
+        post_service(run, error=cancellation)
+        return Cancelled(message=f"{run.label}: {cancellation}")
     except Exception as error:
         outcome = post_service(run, error=error)
         return Failed(message=f"{run.label}: {outcome.message}")

@@ -9,6 +9,7 @@ a Prefect server on PostgreSQL and workers on several hosts; nothing else change
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -218,15 +219,11 @@ def _terminate(pid: int) -> None:
         except ProcessLookupError:
             return
         time.sleep(0.1)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _reap(pid: int) -> None:
     """Collect the exit status when this process started `pid`, so it does not linger as a zombie."""
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass

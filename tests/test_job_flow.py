@@ -11,8 +11,13 @@ from urllib.parse import urlparse
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, TaskRunFilter
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    TaskRunFilter,
+)
 from prefect.states import Cancelling
 
 from blocks.database import DcmDatabase
@@ -24,6 +29,7 @@ from tests.platform import PATIENT_NAME, Platform, zip_files
 
 pytestmark = pytest.mark.integration
 
+PREFECT = str(Path(sys.executable).parent / "prefect")
 SERVICE_VARIABLES = [
     "DB-PROVIDER", "DB-URL", "DB-NAME", "SESSION-ID", "JOB-ID", "JOB-EVENT", "JOB-NAME",
     "JOB-SERVICE-NAME", "PEER-ID",
@@ -57,7 +63,7 @@ def test_job_without_worker_runs_in_the_runtime_interpreter_and_records_its_valu
     job_id = platform.service_job(platform.service("report-local", ENVIRONMENT_REPORTING_SERVICE))
 
     completed = subprocess.run(
-        [str(Path(sys.executable).parent / "prefect"), "deployment", "run", "dcm-job/process", "-p", f"job_id={job_id}", "--watch"],
+        [PREFECT, "deployment", "run", "dcm-job/process", "-p", f"job_id={job_id}", "--watch"],
         capture_output=True, text=True, timeout=240, env={**os.environ, "PREFECT_API_URL": stack.api_url},
     )
 
@@ -153,7 +159,10 @@ def test_archive_entry_escaping_the_module_folder_fails_the_job_and_writes_nothi
 ) -> None:
     target = Path("/tmp/dcm-escape-test-marker")
     target.unlink(missing_ok=True)
-    archive = zip_files({"__init__.py": "def run(**kwargs):\n    return 1\n", "../../../../../../tmp/dcm-escape-test-marker": "x"})
+    archive = zip_files({
+        "__init__.py": "def run(**kwargs):\n    return 1\n",
+        "../../../../../../tmp/dcm-escape-test-marker": "x",
+    })
     job_id = platform.service_job(platform.service("escaping", "", module_zip=archive))
 
     _, flow_run = run_job(job_id)
@@ -228,7 +237,7 @@ def test_callback_running_past_its_timeout_is_killed_and_recorded(platform: Plat
     assert not process_alive(int(pid_file.read_text()))
 
 
-def test_cancelling_the_run_kills_the_callback_and_records_the_interruption(
+def test_cancelling_the_run_kills_the_callback_and_records_the_cancellation(
     platform: Platform, tmp_path: Path
 ) -> None:
     job_id, pid_file = sleeper_job(platform, tmp_path)
@@ -243,11 +252,11 @@ def test_cancelling_the_run_kills_the_callback_and_records_the_interruption(
     assert final.state.is_cancelled()
     eventually(lambda: not process_alive(pid), timeout=30)
     record = eventually(lambda: (job := platform.job(job_id))["error"] and job, timeout=30)
-    assert "interrupted" in record["errorMessage"] and record["inProgress"] is False
+    assert "cancelled" in record["errorMessage"] and record["inProgress"] is False
 
 
 def test_callback_output_reaches_the_prefect_logs_while_it_runs(platform: Platform, tmp_path: Path) -> None:
-    job_id, pid_file = sleeper_job(platform, tmp_path, sleep=12)
+    job_id, _ = sleeper_job(platform, tmp_path, sleep=12)
     flow_run_id = submit_job(job_id)
 
     eventually(lambda: any(log.message == "first line" for log in read_logs(flow_run_id)), timeout=120)

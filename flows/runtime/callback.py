@@ -17,7 +17,7 @@ from typing import Any
 
 from dcm_processor_db_provider import DBManager
 
-from flows.runtime.errors import CallbackFailed
+from flows.runtime.errors import CallbackFailed, RunCancelled
 from flows.runtime.process import ChildExit
 
 WRAPPER_SOURCE = Path(__file__).with_name("callback_wrapper.py")
@@ -71,6 +71,8 @@ def _describe_exit(callback: Callback, child: ChildExit) -> str:
 def read_outcome(folder: Path, callback: Callback, child: ChildExit) -> Any:
     """The callback's return value, or CallbackFailed saying why there is none."""
     result_file = folder / RESULT_NAME
+    if child.stopped:
+        raise RunCancelled(f"the run was cancelled while {callback.name} ran; its process tree was killed")
     if child.timed_out_after is not None or not result_file.is_file():
         raise CallbackFailed(_describe_exit(callback, child))
     try:

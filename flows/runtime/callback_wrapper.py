@@ -38,11 +38,12 @@ def outcome_of(invocation):
         value = call(invocation)
     except BaseException as error:
         traceback.print_exc()
-        return {"error": {"message": "%s: %s" % (type(error).__name__, error), "traceback": traceback.format_exc()}}
+        message = f"{type(error).__name__}: {error}"
+        return {"error": {"message": message, "traceback": traceback.format_exc()}}
     try:
         json.dumps(value)
     except (TypeError, ValueError) as error:
-        message = "callback returned a %s, which is not JSON: %s" % (type(value).__name__, error)
+        message = f"callback returned a {type(value).__name__}, which is not JSON: {error}"
         return {"error": {"message": message, "traceback": ""}}
     return {"result": value}
 

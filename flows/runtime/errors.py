@@ -38,5 +38,9 @@ class CallbackFailed(JobError):
         self.traceback = traceback
 
 
+class RunCancelled(JobError):
+    """The flow run was cancelled while the callback ran; the callback's process tree was killed."""
+
+
 class DatabaseUnavailable(Exception):
     """The platform database did not answer; an infrastructure failure that is worth retrying."""

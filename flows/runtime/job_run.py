@@ -19,7 +19,7 @@ from flows.runtime.archive import extract_archive
 from flows.runtime.callback import Callback
 from flows.runtime.environment import child_environment, service_variables
 from flows.runtime.errors import CallbackFailed, InvalidRecord, JobError, JobNotRunnable
-from flows.runtime.process import LineHandler
+from flows.runtime.process import LineHandler, StopCheck
 from flows.runtime.records import (
     POST_SERVICES_JOB,
     PRE_SERVICES_JOB,
@@ -53,6 +53,7 @@ class JobRun:
         self.job_id = job_id
         self.flow_run_id = flow_run_id
         self.on_line = on_line
+        self.should_stop: StopCheck | None = None
         self.started = time.monotonic()
         self.job: JobRecord | None = None
         self.claimed = False
@@ -110,7 +111,9 @@ class JobRun:
         assert self.workspace is not None and self.worker_type is not None
         self._calls += 1
         folder = self.workspace / "calls" / f"{self._calls:02d}-{callback.function}"
-        return self.worker_type.run(callback, folder, self.environment, timeout_seconds, self.on_line)
+        return self.worker_type.run(
+            callback, folder, self.environment, timeout_seconds, self.on_line, self.should_stop
+        )
 
     def _run_scripts(self, names: list[str]) -> None:
         """Run each worker script's `callback(**kwargs, session_dir=...)`, as the platform's docker worker did."""

@@ -7,6 +7,7 @@ this runtime started.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,6 +21,10 @@ from typing import IO
 LineHandler = Callable[[str, str], None]
 """Called with the stream name ("stdout" or "stderr") and one line, as soon as the line is written."""
 
+StopCheck = Callable[[], bool]
+"""Asked every few seconds while the child runs; True means "stop it now" (e.g. the run was cancelled)."""
+
+STOP_CHECK_SECONDS = 2.0
 GRACE_SECONDS = 3.0
 READER_JOIN_SECONDS = 5.0
 
@@ -30,6 +35,7 @@ class ChildExit:
 
     returncode: int
     timed_out_after: float | None = None
+    stopped: bool = False
 
     @property
     def signal_name(self) -> str | None:
@@ -84,6 +90,7 @@ def run_child(
     cwd: Path,
     timeout_seconds: float | None,
     on_line: LineHandler,
+    should_stop: StopCheck | None = None,
 ) -> ChildExit:
     """Run `command`, hand each output line to `on_line`, enforce the timeout, never leave it running."""
     process = subprocess.Popen(
@@ -97,13 +104,22 @@ def run_child(
     for reader in readers:
         reader.start()
     timed_out_after = None
+    stopped = False
+    deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
     try:
-        process.wait(timeout=timeout_seconds)
-    except subprocess.TimeoutExpired:
-        timed_out_after = timeout_seconds
+        while process.poll() is None:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                timed_out_after = timeout_seconds
+                break
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=STOP_CHECK_SECONDS if remaining is None else min(remaining, STOP_CHECK_SECONDS))
     finally:
         # Also reached when the flow run is cancelled: Prefect raises in this thread.
         kill_process_tree(process)
         for reader in readers:
             reader.join(READER_JOIN_SECONDS)
-    return ChildExit(returncode=process.returncode, timed_out_after=timed_out_after)
+    return ChildExit(returncode=process.returncode, timed_out_after=timed_out_after, stopped=stopped)

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 from flows.runtime.callback import Callback, read_outcome, write_invocation
 from flows.runtime.errors import InvalidRecord, UnknownWorkerType
-from flows.runtime.process import LineHandler, run_child
+from flows.runtime.process import LineHandler, StopCheck, run_child
 from flows.runtime.records import WorkerRecord
 
 _REGISTRY: dict[str | None, type[WorkerType]] = {}
@@ -56,12 +56,13 @@ class WorkerType(ABC):
         environment: Mapping[str, str],
         timeout_seconds: float | None,
         on_line: LineHandler,
+        should_stop: StopCheck | None = None,
     ) -> Any:
         """Run `callback` in a child process of this environment and return its value."""
         wrapper = write_invocation(folder, callback)
         child = run_child(
-            [str(self.interpreter()), "-u", str(wrapper)],
-            env=environment, cwd=folder, timeout_seconds=timeout_seconds, on_line=on_line,
+            [str(self.interpreter()), "-u", str(wrapper)], env=environment, cwd=folder,
+            timeout_seconds=timeout_seconds, on_line=on_line, should_stop=should_stop,
         )
         return read_outcome(folder, callback, child)
 

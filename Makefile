@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint stack-start stack-stop clean
+
+install: $(BIN)/dcm-flows
+
+$(BIN)/dcm-flows: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip uv
+	$(BIN)/python -m uv pip install --quiet --python $(BIN)/python -e '.[embedded,test]'
+	touch $@
+
+demo: install
+	$(BIN)/dcm-flows demo
+
+lint: install
+	$(BIN)/ruff check flows blocks tests
+
+test: lint
+	$(BIN)/pytest -q -ra
+
+stack-start: install
+	$(BIN)/dcm-flows stack start
+
+stack-stop: install
+	$(BIN)/dcm-flows stack stop
+
+clean: stack-stop
+	rm -rf $(VENV) .dcm-flows

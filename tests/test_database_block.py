@@ -1,0 +1,37 @@
+"""The database block: saved with a secret URL, with the worker's environment as the fallback."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import SecretStr
+
+from blocks.database import DatabaseNotConfigured, DcmDatabase
+from flows.stack import StackState
+
+
+def test_the_saved_block_keeps_the_url_secret_and_opens_the_platform_database(
+    stack: StackState, database: DcmDatabase
+) -> None:
+    assert database.url.get_secret_value() == stack.database_url
+    assert stack.database_url not in repr(database)
+    assert database.open().db.count("jobs") >= 0
+
+
+def test_without_a_block_the_environment_names_the_database(
+    stack: StackState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DCM_DB_URL", "mongodb://elsewhere:27017")
+    monkeypatch.setenv("DCM_DB_NAME", "other")
+
+    resolved = DcmDatabase.resolve("no-such-block")
+
+    assert resolved.url == SecretStr("mongodb://elsewhere:27017") and resolved.database_name == "other"
+
+
+def test_without_block_or_environment_the_error_says_what_to_configure(
+    stack: StackState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DCM_DB_URL", raising=False)
+
+    with pytest.raises(DatabaseNotConfigured, match="DCM_DB_URL"):
+        DcmDatabase.resolve("no-such-block")

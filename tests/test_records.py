@@ -1,0 +1,73 @@
+"""Reading job records: the platform's fields, and clear errors that never quote patient data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from bson import ObjectId
+
+from flows.runtime.errors import InvalidRecord
+from flows.runtime.records import SERVICE_JOB, JobRecord, parse_timeout
+
+
+def job_document(**changes: Any) -> dict[str, Any]:
+    document = {
+        "_id": ObjectId(), "sessionId": str(ObjectId()), "channel": "device",
+        "data": {"function_name": SERVICE_JOB, "args": [], "kwargs": {
+            "service_id": ObjectId(), "worker_id": None, "worker_type": None,
+            "headers": {"Metadata": {"PatientName": "Secret^Name"}},
+        }},
+        "job_name": "segment", "service_name": "brain", "job_event": "stable-series",
+        "job_worker_entry": "run", "job_timeout": "1h", "depends_on": [ObjectId()],
+        "attempts": 0, "max_attempts": 1, "done": False, "inProgress": False, "error": False,
+    }
+    document.update(changes)
+    return document
+
+
+def test_a_scheduler_job_record_is_read_with_its_platform_fields() -> None:
+    document = job_document()
+
+    job = JobRecord.from_document(document)
+
+    assert job.id == str(document["_id"]) and job.is_service_job
+    assert job.service_id == str(document["data"]["kwargs"]["service_id"])
+    assert job.timeout_seconds == 3600 and job.label == "brain/segment"
+    assert job.depends_on == [str(document["depends_on"][0])]
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(None, None), ("", None), (90, 90), ("90", 90), ("90s", 90), ("30m", 1800), ("1h", 3600),
+     ("1h30m", 5400), ("1.5h", 5400), ("2d", 172800)],
+)
+def test_job_timeouts_are_read_in_the_platform_notation(value: Any, seconds: float | None) -> None:
+    assert parse_timeout(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["soon", "1x", "-5", "0", "h"])
+def test_a_timeout_that_does_not_parse_is_a_clear_error(value: str) -> None:
+    with pytest.raises(InvalidRecord, match="job_timeout"):
+        parse_timeout(value)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"data": {"function_name": "os.system", "kwargs": {}}}, "is not one of"),
+        ({"job_worker_entry": None}, "required field 'job_worker_entry'"),
+        ({"job_worker_entry": "not a name"}, "is not a Python name"),
+        ({"attempts": "three"}, "field 'attempts' must be int"),
+        ({"data": {"function_name": SERVICE_JOB, "kwargs": "headers"}}, "field 'kwargs' must be dict"),
+    ],
+)
+def test_invalid_records_name_the_field_and_never_quote_headers(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidRecord, match=message) as raised:
+        JobRecord.from_document(job_document(**changes))
+
+    assert "Secret" not in str(raised.value)
+
+
+def test_the_job_kwargs_are_kept_out_of_the_record_repr() -> None:
+    assert "Secret" not in repr(JobRecord.from_document(job_document()))
