@@ -264,7 +264,7 @@ def test_callback_output_reaches_the_prefect_logs_while_it_runs(platform: Platfo
     assert not read_flow_run(flow_run_id).state.is_final(), "the first line arrived before the run ended"
     final = finished(flow_run_id)
     assert final.state.is_completed()
-    assert any(log.message == "second line" for log in read_logs(flow_run_id))
+    eventually(lambda: any(log.message == "second line" for log in read_logs(flow_run_id)), timeout=30)
 
 
 def test_failed_callback_is_retried_only_when_the_job_allows_more_attempts(
