@@ -59,6 +59,34 @@ def submit_job_command(arguments: argparse.Namespace) -> int:
     return 0 if flow_run.state.is_completed() else 1
 
 
+def submit_session_command(arguments: argparse.Namespace) -> int:
+    from flows.submit import submit_session, wait_for_run
+
+    _use_running_stack(_stack(arguments))
+    flow_run_id = submit_session(arguments.session_id, database_block=arguments.database_block)
+    print(f"flow run {flow_run_id}")
+    if not arguments.wait:
+        return 0
+    flow_run = wait_for_run(flow_run_id, timeout_seconds=24 * 3600)
+    assert flow_run.state is not None
+    print(f"{flow_run.state.name}: {flow_run.state.message or ''}")
+    return 0 if flow_run.state.is_completed() else 1
+
+
+def bridge(arguments: argparse.Namespace) -> int:
+    from blocks.database import DcmDatabase
+    from flows.bridge import SessionBridge
+    from flows.runtime.records import PlatformRecords
+
+    _use_running_stack(_stack(arguments))
+    records = PlatformRecords(DcmDatabase.resolve(arguments.database_block).open())
+    print("bridge: watching the jobs collection for new sessions", flush=True)
+    SessionBridge(records, arguments.database_block, say=lambda line: print(line, flush=True)).run(
+        arguments.poll_seconds, arguments.run_for_seconds
+    )
+    return 0
+
+
 def demo(arguments: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
@@ -86,6 +114,20 @@ def parser() -> argparse.ArgumentParser:
     job.add_argument("--database-block", default="default")
     job.add_argument("--wait", action="store_true", help="wait for the run and exit non-zero if it failed")
     job.set_defaults(handler=submit_job_command)
+
+    session = submit_commands.add_parser("session", help="run a session's job graph as a dcm-session flow run")
+    session.add_argument("session_id")
+    session.add_argument("--database-block", default="default")
+    session.add_argument("--wait", action="store_true", help="wait for the run and exit non-zero if it failed")
+    session.set_defaults(handler=submit_session_command)
+
+    bridge_parser = commands.add_parser(
+        "bridge", help="run every session the platform's scheduler creates, once (drop-in for mongo-qas)"
+    )
+    bridge_parser.add_argument("--database-block", default="default")
+    bridge_parser.add_argument("--poll-seconds", type=float, default=2.0)
+    bridge_parser.add_argument("--run-for-seconds", type=float, default=None)
+    bridge_parser.set_defaults(handler=bridge)
 
     commands.add_parser("demo", help="run the example job end to end on the local stack").set_defaults(
         handler=demo

@@ -15,24 +15,31 @@ from prefect.deployments import run_deployment
 
 from blocks.database import DcmDatabase
 from flows.runtime.records import JobRecord, PlatformRecords
-from flows.runtime.workers import worker_type_for
+from flows.runtime.workers import WorkerType, worker_type_for
 
 JOB_FLOW_NAME = "dcm-job"
+SESSION_DEPLOYMENT = "dcm-session/process"
 DEFAULT_DATABASE_BLOCK = "default"
 
 
-def job_deployment(job: JobRecord, records: PlatformRecords) -> str:
-    """`dcm-job/<pool kind>` for the job's worker type (`process` for venv workers and no worker)."""
+def job_worker_type(job: JobRecord, records: PlatformRecords) -> type[WorkerType]:
+    """The worker type that runs the job: it names the deployment and the work pool."""
     worker = records.worker(job.worker_id) if job.is_service_job and job.worker_id else None
-    return f"{JOB_FLOW_NAME}/{worker_type_for(worker).deployment}"
+    return type(worker_type_for(worker))
 
 
-def submit_job(job_id: str, database_block: str = DEFAULT_DATABASE_BLOCK) -> UUID:
+def submit_job(
+    job_id: str,
+    database_block: str = DEFAULT_DATABASE_BLOCK,
+    work_queue_name: str | None = None,
+    records: PlatformRecords | None = None,
+) -> UUID:
     """Start a `dcm-job` flow run for the platform job `job_id`; return the flow run's id.
 
-    Called inside a flow, the job's run becomes a child of that flow's run.
+    Called inside a flow, the job's run becomes a child of that flow's run. `work_queue_name`
+    routes it to one queue of the pool (the queue of the host that holds the job's environment).
     """
-    records = PlatformRecords(DcmDatabase.resolve(database_block).open())
+    records = records or PlatformRecords(DcmDatabase.resolve(database_block).open())
     job = records.job(job_id)
     tags = ["dcm-job"]
     if job.service_name:
@@ -40,11 +47,31 @@ def submit_job(job_id: str, database_block: str = DEFAULT_DATABASE_BLOCK) -> UUI
     if job.session_id:
         tags.append(f"session:{job.session_id}")
     flow_run = run_deployment(
-        name=job_deployment(job, records),
+        name=f"{JOB_FLOW_NAME}/{job_worker_type(job, records).deployment}",
         parameters={"job_id": job_id, "database_block": database_block},
         flow_run_name=f"{job.label} {job_id}",
         tags=tags,
+        work_queue_name=work_queue_name,
         timeout=0,
+    )
+    return flow_run.id
+
+
+def submit_session(
+    session_id: str, database_block: str = DEFAULT_DATABASE_BLOCK, idempotency_key: str | None = None
+) -> UUID:
+    """Start one `dcm-session` flow run for a platform session; return the flow run's id.
+
+    With an `idempotency_key`, submitting again returns the run created the first time.
+    """
+    flow_run = run_deployment(
+        name=SESSION_DEPLOYMENT,
+        parameters={"session_id": session_id, "database_block": database_block},
+        flow_run_name=f"session {session_id}",
+        tags=["dcm-session", f"session:{session_id}"],
+        idempotency_key=idempotency_key,
+        timeout=0,
+        as_subflow=False,
     )
     return flow_run.id
 

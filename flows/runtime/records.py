@@ -32,6 +32,8 @@ SERVICE_JOB = "dcm_processor_worker.controller"
 PRE_SERVICES_JOB = "dcm_processor_worker.pre_services"
 POST_SERVICES_JOB = "dcm_processor_worker.post_services"
 JOB_FUNCTIONS = (SERVICE_JOB, PRE_SERVICES_JOB, POST_SERVICES_JOB)
+PLATFORM_CONSUMER = "default-customer-id"
+"""The `consumer_id` DBManager.create_job gives every job; mongo-qas workers claim only jobs that have it."""
 
 TIMEOUT_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 TIMEOUT_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
@@ -273,13 +275,19 @@ class PlatformRecords:
 
     @database_call
     def unfinished_dependencies(self, job: JobRecord) -> list[str]:
-        """Ids in `depends_on` whose job is not done; a job is ready only when this is empty."""
+        """Ids in `depends_on` whose job is not done; a job is ready only when this is empty.
+
+        The post-services job cleans up the session's patient data, so for it a dependency that
+        failed (or was skipped) counts as finished too: the clean-up must not wait forever.
+        """
         if not job.depends_on:
             return []
+        finished: dict[str, Any] = {"done": True}
+        if job.function_name == POST_SERVICES_JOB:
+            finished = {"$or": [{"done": True}, {"error": True}]}
         done = self.database.db.find(
             JOBS,
-            {"query": {"_id": {"$in": self.database.make_oid(job.depends_on)}, "done": True},
-             "select": ["_id"]},
+            {"query": {"_id": {"$in": self.database.make_oid(job.depends_on)}, **finished}, "select": ["_id"]},
         )
         finished = {str(document["_id"]) for document in done}
         return [dependency for dependency in job.depends_on if dependency not in finished]
@@ -364,6 +372,40 @@ class PlatformRecords:
     def remove_service(self, name: str) -> None:
         """Remove the service record and its module and registry files."""
         self.database.remove_service(name, comp_file_fields=["module", "registry"])
+
+    @database_call
+    def mark_skipped(self, job_id: str, reason: str) -> None:
+        """A job that did not run because a dependency failed: an error without a spent attempt."""
+        self.database.db.update(JOBS, job_id, {
+            "$set": {"error": True, "inProgress": False, "errorMessage": reason, "lastErrorAt": _now()},
+        })
+
+    @database_call
+    def sessions_ready_for_bridge(self) -> list[str]:
+        """Sessions the platform's scheduler has finished creating (they have their post-services job)
+        and that still have jobs queued for mongo-qas consumers."""
+        documents = self.database.db.find(JOBS, {"query": {
+            "data.function_name": POST_SERVICES_JOB,
+            "consumer_id": PLATFORM_CONSUMER,
+            "done": {"$ne": True},
+            "inProgress": {"$ne": True},
+        }, "select": ["sessionId"], "sort": [("createdAt", 1)]})
+        return list(dict.fromkeys(str(document["sessionId"]) for document in documents))
+
+    @database_call
+    def take_over_session(self, session_id: str, consumer: str) -> list[str]:
+        """Move the session's queued jobs from the mongo-qas consumer to `consumer`, job by job and
+        atomically, so a mongo-qas worker can no longer claim them; return the ids taken over."""
+        taken = []
+        for job in self.session_jobs(session_id):
+            claimed = self.database.db.find_one_and_update(
+                JOBS, {"$set": {"consumer_id": consumer}},
+                {"query": {"_id": self.database.make_oid(job.id), "consumer_id": PLATFORM_CONSUMER,
+                           "inProgress": {"$ne": True}, "done": {"$ne": True}}},
+            )
+            if claimed is not None:
+                taken.append(job.id)
+        return taken
 
     @database_call
     def component_file(self, file_id: str, what: str) -> bytes:

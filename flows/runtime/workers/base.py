@@ -20,11 +20,12 @@ class WorkerType(ABC):
     """Runs callbacks in one kind of environment.
 
     Subclasses name the `workers.type` values they handle in `record_types` (None stands for jobs
-    without a worker) and the `dcm-job` deployment that must run their jobs.
+    without a worker), and the `dcm-job` deployment and work pool that must run their jobs.
     """
 
     record_types: ClassVar[tuple[str | None, ...]] = ()
     deployment: ClassVar[str] = "process"
+    work_pool: ClassVar[str] = "dcm-process"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -1,0 +1,71 @@
+"""The bridge: a drop-in for installations whose unmodified scheduler writes jobs for mongo-qas.
+
+It watches the `jobs` collection for sessions the scheduler has finished creating (their
+post-services job exists), starts one `dcm-session` run per session and takes the session's queued
+jobs away from mongo-qas consumers. The session run is created with an idempotency key made from
+the session id, so a bridge restarted at any point never starts a session twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prefect import flow, get_run_logger
+
+from blocks.database import DcmDatabase
+from flows.runtime.records import PlatformRecords
+from flows.submit import DEFAULT_DATABASE_BLOCK, submit_session
+
+CONSUMER = "dcm-processor-flows"
+POLL_SECONDS = 2.0
+
+
+def session_idempotency_key(session_id: str) -> str:
+    return f"dcm-session-{session_id}"
+
+
+class SessionBridge:
+    """One pass (`poll_once`) or a loop (`run`) of watching for new sessions."""
+
+    def __init__(self, records: PlatformRecords, database_block: str = DEFAULT_DATABASE_BLOCK,
+                 say: Callable[[str], None] = print) -> None:
+        self.records = records
+        self.database_block = database_block
+        self.say = say
+
+    def poll_once(self) -> list[str]:
+        """Submit every session that is ready; return their ids."""
+        submitted = []
+        for session_id in self.records.sessions_ready_for_bridge():
+            flow_run_id = submit_session(
+                session_id, self.database_block, idempotency_key=session_idempotency_key(session_id)
+            )
+            taken = self.records.take_over_session(session_id, CONSUMER)
+            self.say(f"session {session_id}: flow run {flow_run_id} ({len(taken)} jobs taken over)")
+            submitted.append(session_id)
+        return submitted
+
+    def run(self, poll_seconds: float = POLL_SECONDS, run_for_seconds: float | None = None) -> None:
+        deadline = None if run_for_seconds is None else time.monotonic() + run_for_seconds
+        while deadline is None or time.monotonic() < deadline:
+            self.poll_once()
+            time.sleep(poll_seconds)
+
+
+@flow(name="dcm-bridge", persist_result=False, log_prints=False)
+def bridge_flow(
+    database_block: str = DEFAULT_DATABASE_BLOCK,
+    poll_seconds: float = POLL_SECONDS,
+    run_for_seconds: float | None = None,
+) -> None:
+    """Watch for sessions of the platform's scheduler and run each as one `dcm-session` flow run.
+
+    Args:
+        database_block: name of the `dcm-database` block.
+        poll_seconds: pause between two looks at the jobs collection.
+        run_for_seconds: stop after this long (None: run until cancelled).
+    """
+    logger = get_run_logger()
+    records = PlatformRecords(DcmDatabase.resolve(database_block).open())
+    SessionBridge(records, database_block, say=logger.info).run(poll_seconds, run_for_seconds)
