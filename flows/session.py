@@ -56,10 +56,15 @@ def _final_runs(client: SyncPrefectClient, flow_run_ids: list[UUID]) -> list[Any
     return [run for run in runs if run.state is not None and run.state.is_final()]
 
 
-def _record_failure(plan: SessionPlan, records: PlatformRecords, job_id: str, reason: str) -> None:
+def _record_failure(
+    plan: SessionPlan, records: PlatformRecords, job_id: str, reason: str, flow_run_id: UUID | None = None
+) -> None:
     """Note a failed job and skip its dependents, saying in their records which job failed."""
     logger = get_run_logger()
     logger.warning("job %s (%s) did not succeed: %s", job_id, plan.jobs[job_id].label, reason)
+    records.mark_failed_unless_recorded(
+        job_id, str(flow_run_id), f"the job's flow run ended without recording an outcome: {reason}"
+    )
     for skipped in plan.failed_job(job_id, reason):
         records.mark_skipped(skipped, plan.reasons[skipped])
         logger.warning("job %s (%s) %s", skipped, plan.jobs[skipped].label, plan.reasons[skipped])
@@ -106,7 +111,7 @@ def session_flow(
                 if flow_run.state.is_completed():
                     plan.succeeded(job_id)
                     continue
-                _record_failure(plan, records, job_id, flow_run.state.message or flow_run.state.name)
+                _record_failure(plan, records, job_id, flow_run.state.message or flow_run.state.name, flow_run.id)
     for job_id in plan.withheld_clean_up():
         logger.warning("post-services job %s not run: the failed session's data is kept for debugging", job_id)
     failed = plan.failed()

@@ -31,10 +31,22 @@ from blocks.database import ENVIRONMENT_NAME, ENVIRONMENT_PROVIDER, ENVIRONMENT_
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_HOME = Path(os.environ.get("DCM_FLOWS_HOME", PROJECT_DIR / ".dcm-flows"))
 PROCESS_POOL = "dcm-process"
+DOCKER_POOL = "dcm-docker"
 DATABASE_NAME = "dcm-processor"
 DATABASE_BLOCK = "default"
 START_TIMEOUT_SECONDS = 90
 STOP_TIMEOUT_SECONDS = 15
+
+
+def docker_engine_answers() -> bool:
+    """Whether a Docker engine is reachable (the docker pool gets a worker only then)."""
+    try:
+        import docker
+
+        docker.from_env(timeout=5).ping()
+    except Exception:
+        return False
+    return True
 
 
 class StackError(RuntimeError):
@@ -165,9 +177,14 @@ class LocalStack:
         _wait("SecantusDB", lambda: _port_open(database_port), self.logs / "database.log")
         _wait("Prefect server", lambda: _http_ok(f"{state.api_url}/health"), self.logs / "prefect-server.log")
         self.configure(state)
+        worker_environment = {**self._prefect_environment(state.api_url), **state.environment()}
         state.processes["process-worker"] = self._spawn("process-worker", [
             _executable("prefect"), "worker", "start", "--pool", PROCESS_POOL, "--type", "process",
-        ], {**self._prefect_environment(state.api_url), **state.environment()})
+        ], worker_environment)
+        if docker_engine_answers():
+            state.processes["docker-worker"] = self._spawn("docker-worker", [
+                _executable("prefect"), "worker", "start", "--pool", DOCKER_POOL, "--type", "docker",
+            ], worker_environment)
         self._save(state)
         return state
 
@@ -178,6 +195,7 @@ class LocalStack:
         commands = [
             [prefect, "block", "register", "-m", "blocks"],
             [prefect, "work-pool", "create", PROCESS_POOL, "--type", "process", "--overwrite"],
+            [prefect, "work-pool", "create", DOCKER_POOL, "--type", "docker", "--overwrite"],
             [prefect, "--no-prompt", "deploy", "--all"],
         ]
         for command in commands:

@@ -22,10 +22,10 @@ SESSION_DEPLOYMENT = "dcm-session/process"
 DEFAULT_DATABASE_BLOCK = "default"
 
 
-def job_worker_type(job: JobRecord, records: PlatformRecords) -> type[WorkerType]:
-    """The worker type that runs the job: it names the deployment and the work pool."""
+def job_worker_type(job: JobRecord, records: PlatformRecords) -> WorkerType:
+    """The worker type that runs the job: it names the deployment, the work pool and the job variables."""
     worker = records.worker(job.worker_id) if job.is_service_job and job.worker_id else None
-    return type(worker_type_for(worker))
+    return worker_type_for(worker)
 
 
 def submit_job(
@@ -46,8 +46,10 @@ def submit_job(
         tags.append(f"service:{job.service_name}")
     if job.session_id:
         tags.append(f"session:{job.session_id}")
+    worker_type = job_worker_type(job, records)
     flow_run = run_deployment(
-        name=f"{JOB_FLOW_NAME}/{job_worker_type(job, records).deployment}",
+        name=f"{JOB_FLOW_NAME}/{worker_type.deployment}",
+        job_variables=worker_type.job_variables(),
         parameters={"job_id": job_id, "database_block": database_block},
         flow_run_name=f"{job.label} {job_id}",
         tags=tags,

@@ -28,9 +28,11 @@ from flows.runtime.records import (
     ServiceRecord,
     WorkerRecord,
 )
-from flows.runtime.workers import WorkerType, worker_type_for
+from flows.runtime.workers import JobFolders, WorkerType, worker_type_for
 
 SERVICE_MODULE = "service_module"
+DATA_FILE = "data_dir"
+"""The `worker_files` key of the worker's zipped data folder, as the platform's installer names it."""
 SESSION_HOOKS = {PRE_SERVICES_JOB: "run_pre_services", POST_SERVICES_JOB: "run_post_services"}
 
 
@@ -59,6 +61,7 @@ class JobRun:
         self.claimed = False
         self.worker_type: WorkerType | None = None
         self.workspace: Path | None = None
+        self.folders: JobFolders | None = None
         self.environment: dict[str, str] = {}
         self.failed_attempts = 0
         self._calls = 0
@@ -95,17 +98,23 @@ class JobRun:
         self.worker_type = worker_type_for(worker)
         self.worker_type.check()
         self.workspace = Path(tempfile.mkdtemp(prefix=f"dcm-job-{job.id}-"))
-        self.session_folder.mkdir(mode=0o700)
+        folders = self.folders = self.worker_type.folders(self.workspace)
+        folders.session.mkdir(mode=0o700, parents=True, exist_ok=True)
         if service is not None:
             module = self.records.component_file(service.module_file_id, f"module of service '{service.name}'")
-            extract_archive(module, self.workspace / SERVICE_MODULE)
-        self.environment = child_environment(service_variables(job, self.records.database))
+            extract_archive(module, folders.module_parent / SERVICE_MODULE)
+        if worker is not None and DATA_FILE in worker.worker_files:
+            data = self.records.component_file(worker.worker_files[DATA_FILE], f"data of worker '{worker.name}'")
+            extract_archive(data, folders.data)
+        self.environment = child_environment(
+            service_variables(job, self.records.database), self.worker_type.extra_environment()
+        )
         self._run_scripts(worker.pre_scripts if worker else [])
 
     @property
     def session_folder(self) -> Path:
-        assert self.workspace is not None
-        return self.workspace / "session"
+        assert self.folders is not None
+        return self.folders.session
 
     def _call(self, callback: Callback, timeout_seconds: float | None = None) -> Any:
         assert self.workspace is not None and self.worker_type is not None
@@ -145,7 +154,10 @@ class JobRun:
         assert self.job is not None and self.workspace is not None
         job = self.job
         if job.is_service_job:
-            callback = self._callback(SERVICE_MODULE, job.worker_entry or "", job.kwargs, [str(self.workspace)])
+            assert self.folders is not None
+            callback = self._callback(
+                SERVICE_MODULE, job.worker_entry or "", job.kwargs, [str(self.folders.module_parent)]
+            )
         else:
             callback = self._callback("dcm_processor_service", SESSION_HOOKS[job.function_name], job.kwargs, [])
         try:

@@ -374,6 +374,18 @@ class PlatformRecords:
         self.database.remove_service(name, comp_file_fields=["module", "registry"])
 
     @database_call
+    def mark_failed_unless_recorded(self, job_id: str, flow_run_id: str, reason: str) -> None:
+        """Record a failure the job's own run could not write (its run crashed or never started);
+        a job in progress in another run is left alone."""
+        self.database.db.find_one_and_update(
+            JOBS,
+            {"$set": {"error": True, "inProgress": False, "errorMessage": reason, "lastErrorAt": _now()},
+             "$inc": {"attempts": 1}},
+            {"query": {"_id": self.database.make_oid(job_id), "done": {"$ne": True}, "error": {"$ne": True},
+                       "$or": [{"inProgress": {"$ne": True}}, {"flowRunId": flow_run_id}]}},
+        )
+
+    @database_call
     def mark_skipped(self, job_id: str, reason: str) -> None:
         """A job that did not run because a dependency failed: an error without a spent attempt."""
         self.database.db.update(JOBS, job_id, {

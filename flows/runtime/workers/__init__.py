@@ -7,9 +7,9 @@ means adding one module here.
 import importlib
 import pkgutil
 
-from flows.runtime.workers.base import WorkerType, worker_type_for
+from flows.runtime.workers.base import JobFolders, WorkerType, worker_type_for
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["WorkerType", "worker_type_for"]
+__all__ = ["JobFolders", "WorkerType", "worker_type_for"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -14,6 +15,15 @@ from flows.runtime.process import LineHandler, StopCheck, run_child
 from flows.runtime.records import WorkerRecord
 
 _REGISTRY: dict[str | None, type[WorkerType]] = {}
+
+
+@dataclass(frozen=True)
+class JobFolders:
+    """Where a job's service module package, session folder and worker data go."""
+
+    module_parent: Path
+    session: Path
+    data: Path
 
 
 class WorkerType(ABC):
@@ -43,6 +53,18 @@ class WorkerType(ABC):
         """How the job records and the run artifact name the environment."""
         name = f" '{self.worker.name}'" if self.worker else ""
         return f"{type(self).__name__}{name} ({self.interpreter()})"
+
+    def folders(self, workspace: Path) -> JobFolders:
+        """By default everything lives in the job's private temporary folder."""
+        return JobFolders(module_parent=workspace, session=workspace / "session", data=workspace / "data")
+
+    def extra_environment(self) -> dict[str, str]:
+        """Variables this worker type adds to every callback's environment."""
+        return {}
+
+    def job_variables(self) -> dict[str, Any]:
+        """Per-run settings for the work pool's worker (none for the process pool)."""
+        return {}
 
     def check(self) -> None:
         """Fail before anything runs when the environment is not usable."""

@@ -1,0 +1,161 @@
+"""docker workers: the job's flow run is a container of the worker's image, on the `dcm-docker` pool.
+
+Two sides of one type:
+* on the submitting host, `job_variables()` turns the worker record into the per-run settings of the
+  prefect-docker worker (image, network, user, limits, GPUs);
+* inside the container, the three tasks run as for any worker, with the platform's container layout:
+  the service module under `module_dir_mount` (/module, also on PYTHONPATH), a fresh session folder
+  at `session_dir_mount` (/session) and the worker's data at `data_dir_mount` (/data). Callbacks run
+  with the image's own Python; this runtime lives apart in `RUNTIME_VENV`.
+
+`build_runtime_image` adds that runtime layer on top of a worker image, offline, from a wheelhouse.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from flows.runtime.errors import InvalidRecord
+from flows.runtime.workers.base import JobFolders, WorkerType
+
+RUNTIME_VENV = "/opt/dcm-flows"
+IN_CONTAINER_VARIABLE = "DCM_FLOWS_IN_CONTAINER"
+DEFAULT_USER = "10001:10001"
+CONTAINER_RUN_OPTIONS = ("shm_size", "ulimits", "ipc_mode", "cpu_shares", "cpuset_cpus", "environment")
+"""The keys of the platform's `params.run_kwargs` that still make sense when the container runs a flow."""
+
+
+class DockerWorker(WorkerType):
+    """A worker image whose containers run the job flow."""
+
+    record_types = ("docker",)
+    deployment = "docker"
+    work_pool = "dcm-docker"
+
+    def _mount(self, key: str, default: str) -> Path:
+        assert self.worker is not None
+        return Path(self.worker.setting(key, str, default=default))
+
+    def interpreter(self) -> Path:
+        assert self.worker is not None
+        configured = self.worker.setting("python_path", str)
+        found = configured or shutil.which("python3") or "/usr/bin/python3"
+        return Path(found)
+
+    def check(self) -> None:
+        if os.environ.get(IN_CONTAINER_VARIABLE) != "1":
+            raise InvalidRecord(
+                f"worker '{self.worker.name if self.worker else '?'}' is a docker worker: its jobs run in its image "
+                "on the dcm-docker pool (dcm-job/docker), not on this host"
+            )
+        super().check()
+
+    def folders(self, workspace: Path) -> JobFolders:
+        return JobFolders(
+            module_parent=self._mount("module_dir_mount", "/module"),
+            session=self._mount("session_dir_mount", "/session"),
+            data=self._mount("data_dir_mount", "/data"),
+        )
+
+    def extra_environment(self) -> dict[str, str]:
+        return {"PYTHONPATH": str(self._mount("module_dir_mount", "/module"))}
+
+    def job_variables(self) -> dict[str, Any]:
+        """Per-run settings of the prefect-docker worker, from the worker record."""
+        assert self.worker is not None
+        worker = self.worker
+        image = worker.setting("runtime_image", str) or worker.setting("image", str)
+        if not image:
+            raise InvalidRecord(f"docker worker '{worker.name}' has no image; install it first")
+        params = worker.setting("params", dict, default={})
+        run_options = params.get("run_kwargs") or {}
+        create: dict[str, Any] = {
+            key: value for key, value in run_options.items() if key in CONTAINER_RUN_OPTIONS and key != "environment"
+        }
+        create.update(
+            user=worker.setting("user", str, default=DEFAULT_USER),
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+        )
+        cpus = worker.setting("cpus", (int, float))
+        if cpus:
+            create["nano_cpus"] = int(float(cpus) * 1e9)
+        gpus = worker.setting("gpus", (str, int, list))
+        if gpus is not None:
+            create["device_requests"] = [gpu_request(gpus)]
+        variables: dict[str, Any] = {
+            "image": image,
+            "command": f"{RUNTIME_VENV}/bin/prefect flow-run execute",
+            "image_pull_policy": worker.setting("image_pull_policy", str, default="IfNotPresent"),
+            "network_mode": worker.setting("network_mode", str, default="host"),
+            "auto_remove": True,
+            "env": {**(run_options.get("environment") or {}), "HOME": "/tmp", "PREFECT_HOME": "/tmp/prefect"},
+            "container_create_kwargs": create,
+        }
+        if worker.setting("mem_limit", str):
+            variables["mem_limit"] = worker.setting("mem_limit", str)
+        return variables
+
+
+def gpu_request(gpus: str | int | list[Any]) -> dict[str, Any]:
+    """A Docker device request from the worker setting `gpus`: "all", a count, or a list of device ids."""
+    request: dict[str, Any] = {"driver": "", "capabilities": [["gpu"]]}
+    if gpus == "all":
+        request["count"] = -1
+    elif isinstance(gpus, int) and not isinstance(gpus, bool):
+        request["count"] = gpus
+    elif isinstance(gpus, list):
+        request["device_ids"] = [str(gpu) for gpu in gpus]
+    else:
+        raise InvalidRecord(f"gpus must be 'all', a count or a list of device ids, not {gpus!r}")
+    return request
+
+
+RUNTIME_DOCKERFILE = f"""\
+ARG WORKER_IMAGE
+FROM $WORKER_IMAGE
+USER root
+COPY wheelhouse /tmp/dcm-flows-wheelhouse
+RUN python3 -m venv {RUNTIME_VENV} \\
+ && {RUNTIME_VENV}/bin/python -m pip install --no-cache-dir --no-index \\
+      --find-links /tmp/dcm-flows-wheelhouse dcm-processor-flows \\
+ && rm -rf /tmp/dcm-flows-wheelhouse \\
+ && mkdir -p /module /session /data /tmp/prefect && chmod 1777 /module /session /data /tmp/prefect
+ENV {IN_CONTAINER_VARIABLE}=1
+"""
+
+
+def _build_context(wheelhouse: Path) -> io.BytesIO:
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as archive:
+        dockerfile = RUNTIME_DOCKERFILE.encode()
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(dockerfile)
+        archive.addfile(info, io.BytesIO(dockerfile))
+        archive.add(str(wheelhouse), arcname="wheelhouse")
+    context.seek(0)
+    return context
+
+
+def build_runtime_image(client: Any, worker_image: str, wheelhouse: Path, tag: str) -> str:
+    """Add this runtime (from `wheelhouse`, offline) on top of `worker_image`; return the image id.
+
+    Fails with the build log's last lines when the image's Python cannot host the runtime.
+    """
+    from docker.errors import BuildError
+
+    try:
+        image, _ = client.images.build(
+            fileobj=_build_context(wheelhouse), custom_context=True, tag=tag, rm=True, forcerm=True,
+            buildargs={"WORKER_IMAGE": worker_image}, network_mode="none",
+        )
+    except BuildError as error:
+        lines = [str(entry.get("stream", entry.get("error", ""))).rstrip() for entry in error.build_log]
+        tail = "\n".join(line for line in lines if line)[-2000:]
+        raise InvalidRecord(f"the runtime layer cannot be added to image {worker_image}:\n{tail}") from error
+    return image.id

@@ -1,0 +1,201 @@
+"""docker workers on the dcm-docker pool, against a real Docker engine and a prefect-docker worker."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.states import Cancelling
+
+from flows.runtime.records import WorkerRecord
+from flows.runtime.wheelhouse import build_wheelhouse
+from flows.runtime.workers.docker import DockerWorker, build_runtime_image
+from flows.stack import docker_engine_answers
+from flows.submit import submit_job
+from tests.conftest import eventually, finished, read_logs
+from tests.platform import Platform
+
+pytestmark = [pytest.mark.integration, pytest.mark.docker]
+
+BASE_IMAGE = "dcm-flows/python-base:bookworm"
+WORKER_DOCKERFILE = """\
+FROM dcm-flows/python-base:bookworm
+COPY wheelhouse /tmp/wheelhouse
+RUN python3 -m venv /opt/service \\
+ && /opt/service/bin/pip install --no-cache-dir --no-index --find-links /tmp/wheelhouse dcm-processor-service \\
+ && rm -rf /tmp/wheelhouse
+ENV PATH=/opt/service/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+"""
+
+CONTAINER_SERVICE = """
+import os, sys, time
+from dcm_processor_service import get_session_data, set_session_data
+
+def run(session_id, job_name, headers, params, added_params, **kwargs):
+    print("inside the container", flush=True)
+    time.sleep(params.get("sleep", 0))
+    return {
+        "module_file": __file__,
+        "python": sys.executable,
+        "uid": os.getuid(),
+        "session_dir": os.path.isdir("/session"),
+        "data": open("/data/weights.txt").read(),
+        "variables": sorted(k for k in os.environ if k.startswith("DCM-PROCESSOR-SERVICE-")),
+        "pre": get_session_data("pre"),
+        "docker_socket": os.path.exists("/var/run/docker.sock"),
+    }
+"""
+
+SCRIPT = """
+import os
+from dcm_processor_service import set_session_data
+def callback(session_id, job_name, headers, params, added_params, session_dir, **kwargs):
+    set_session_data("{name}", {{"session_dir": session_dir, "exists": os.path.isdir(session_dir)}})
+"""
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    if not docker_engine_answers():
+        pytest.skip("no Docker engine could be reached (run .ci/docker-engine.sh as root to start one)")
+    import docker
+
+    return docker.from_env()
+
+
+@pytest.fixture(scope="session")
+def runtime_image(docker_client, tmp_path_factory: pytest.TempPathFactory, stack) -> str:
+    """A worker image as a service author would write it, plus this runtime's layer, built offline."""
+    wheelhouse = build_wheelhouse(Path(".dcm-flows/wheelhouse").resolve())
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as archive:
+        dockerfile = WORKER_DOCKERFILE.encode()
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(dockerfile)
+        archive.addfile(info, io.BytesIO(dockerfile))
+        archive.add(str(wheelhouse), arcname="wheelhouse")
+    context.seek(0)
+    docker_client.images.build(fileobj=context, custom_context=True, tag="dcm-flows-test/worker:latest", rm=True,
+                               network_mode="none")
+    return build_runtime_image(
+        docker_client, "dcm-flows-test/worker:latest", wheelhouse, "dcm-flows-test/runtime:latest"
+    )
+
+
+def docker_worker(platform: Platform, image: str, name: str, **settings) -> str:
+    data = io.BytesIO()
+    with zipfile.ZipFile(data, "w") as archive:
+        archive.writestr("weights.txt", "model weights v1")
+    files = {
+        "pre.py": platform.upload(SCRIPT.format(name="pre").encode(), "pre.py"),
+        "post.py": platform.upload(SCRIPT.format(name="post").encode(), "post.py"),
+        "data_dir": platform.upload(data.getvalue(), "data.zip"),
+    }
+    return platform.manager.db.create("workers", {
+        "name": name, "type": "docker", "version": "0.0.1", "image": image, "worker_files": files,
+        "pre_scripts": ["pre.py"], "post_scripts": ["post.py"], "data_dir": "data",
+        "module_dir_mount": "/module", "data_dir_mount": "/data", "session_dir_mount": "/session",
+        "params": {"command": [], "run_kwargs": {"shm_size": "64m"}}, **settings,
+    })
+
+
+def docker_job(platform: Platform, image: str, name: str, source: str = CONTAINER_SERVICE, timeout=None,
+               params: dict | None = None) -> str:
+    worker_id = docker_worker(platform, image, f"{name}-worker")
+    job_id = platform.service_job(platform.service(name, source), worker_id=worker_id, timeout=timeout)
+    platform.manager.db.update("jobs", job_id, {"$set": {"data.kwargs.worker_type": "docker",
+                                                        "data.kwargs.params": params or {}}})
+    return job_id
+
+
+def containers_of(docker_client, flow_run_id) -> list:
+    return docker_client.containers.list(all=True, filters={"label": f"io.prefect.flow-run-id={flow_run_id}"})
+
+
+def test_docker_job_runs_in_the_worker_image_with_the_platform_layout(
+    platform: Platform, runtime_image: str, docker_client
+) -> None:
+    job_id = docker_job(platform, runtime_image, "in-container")
+
+    flow_run_id = submit_job(job_id)
+    flow_run = finished(flow_run_id, timeout=300)
+
+    assert flow_run.state.is_completed(), flow_run.state.message
+    result = platform.job(job_id)["result"]
+    assert result["module_file"] == "/module/service_module/__init__.py"
+    assert result["python"] == "/opt/service/bin/python3", "callbacks use the image's Python, not the runtime's"
+    assert result["session_dir"] and result["data"] == "model weights v1"
+    assert len(result["variables"]) == 9
+    assert result["pre"] == {"session_dir": "/session", "exists": True}
+    post = platform.manager.get_session_data(job_id=job_id, name="post")
+    assert post["value"] == {"session_dir": "/session", "exists": True}
+    assert result["uid"] != 0 and result["docker_socket"] is False
+    assert any(log.message == "inside the container" for log in read_logs(flow_run_id))
+    eventually(lambda: containers_of(docker_client, flow_run_id) == [], timeout=60)
+
+
+@pytest.mark.parametrize("ending", ["timeout", "cancel"])
+def test_a_timed_out_or_cancelled_docker_job_leaves_no_container(
+    platform: Platform, runtime_image: str, docker_client, ending: str
+) -> None:
+    job_id = docker_job(platform, runtime_image, f"stopped-{ending}", timeout="5s" if ending == "timeout" else None,
+                        params={"sleep": 300})
+    flow_run_id = submit_job(job_id)
+    eventually(lambda: any(log.message == "inside the container" for log in read_logs(flow_run_id)), timeout=240)
+    if ending == "cancel":
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
+
+    final = finished(flow_run_id, timeout=180)
+
+    assert final.state.is_cancelled() if ending == "cancel" else final.state.is_failed()
+    record = platform.job(job_id)
+    assert record["error"] and ("timed out after 5 s" if ending == "timeout" else "cancelled") in record["errorMessage"]
+    eventually(lambda: containers_of(docker_client, flow_run_id) == [], timeout=60)
+
+
+def test_a_failing_callback_in_a_container_fails_the_run_and_the_record(
+    platform: Platform, runtime_image: str
+) -> None:
+    job_id = docker_job(platform, runtime_image, "failing-in-container",
+                        source="def run(**kwargs):\n    raise ValueError('bad voxel')\n")
+
+    flow_run = finished(submit_job(job_id), timeout=300)
+
+    assert flow_run.state.is_failed()
+    assert "ValueError: bad voxel" in platform.job(job_id)["errorMessage"]
+
+
+def test_an_image_that_cannot_run_the_flow_crashes_the_run(platform: Platform, docker_client) -> None:
+    job_id = docker_job(platform, BASE_IMAGE, "no-runtime")
+    flow_run_id = submit_job(job_id)
+
+    flow_run = finished(flow_run_id, timeout=300)
+
+    assert flow_run.state.is_crashed() or flow_run.state.is_failed()
+    eventually(lambda: containers_of(docker_client, flow_run_id) == [], timeout=60)
+
+
+def test_gpu_and_resource_settings_become_the_containers_configuration(docker_client) -> None:
+    worker = WorkerRecord(id="w", name="gpu", type="docker", pre_scripts=[], post_scripts=[], worker_files={},
+                          settings={"image": "x", "gpus": [0, 1], "mem_limit": "2g", "cpus": 1.5})
+    variables = DockerWorker(worker).job_variables()
+    create = variables["container_create_kwargs"]
+
+    container = docker_client.containers.create(
+        BASE_IMAGE, "true", mem_limit=variables["mem_limit"], **create
+    )
+    try:
+        host_config = docker_client.api.inspect_container(container.id)["HostConfig"]
+    finally:
+        container.remove(force=True)
+
+    assert host_config["DeviceRequests"] == [
+        {"Driver": "", "Count": 0, "DeviceIDs": ["0", "1"], "Capabilities": [["gpu"]], "Options": {}}
+    ]
+    assert host_config["Memory"] == 2 * 1024**3 and host_config["NanoCpus"] == 1_500_000_000
+    assert host_config["CapDrop"] == ["ALL"] and host_config["Privileged"] is False
