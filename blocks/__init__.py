@@ -4,5 +4,6 @@
 """
 
 from blocks.database import DcmDatabase
+from blocks.host import WorkerHost
 
-__all__ = ["DcmDatabase"]
+__all__ = ["DcmDatabase", "WorkerHost"]

@@ -87,6 +87,26 @@ def bridge(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def install(arguments: argparse.Namespace) -> int:
+    from flows.install import install_component_flow
+
+    _use_running_stack(_stack(arguments))
+    report = install_component_flow(
+        str(Path(arguments.source).resolve()) if Path(arguments.source).exists() else arguments.source,
+        force=arguments.force, database_block=arguments.database_block,
+    )
+    print(report)
+    return 0
+
+
+def remove(arguments: argparse.Namespace) -> int:
+    from flows.install import remove_component_flow
+
+    _use_running_stack(_stack(arguments))
+    print(remove_component_flow(arguments.name, database_block=arguments.database_block))
+    return 0
+
+
 def demo(arguments: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
@@ -128,6 +148,16 @@ def parser() -> argparse.ArgumentParser:
     bridge_parser.add_argument("--poll-seconds", type=float, default=2.0)
     bridge_parser.add_argument("--run-for-seconds", type=float, default=None)
     bridge_parser.set_defaults(handler=bridge)
+
+    install_parser = commands.add_parser("install", help="install a component (folder, archive or URL)")
+    install_parser.add_argument("source")
+    install_parser.add_argument("--force", action="store_true", help="replace an installed one of the same name")
+    install_parser.add_argument("--database-block", default="default")
+    install_parser.set_defaults(handler=install)
+    remove_parser = commands.add_parser("remove", help="remove a component's service and worker")
+    remove_parser.add_argument("name")
+    remove_parser.add_argument("--database-block", default="default")
+    remove_parser.set_defaults(handler=remove)
 
     commands.add_parser("demo", help="run the example job end to end on the local stack").set_defaults(
         handler=demo

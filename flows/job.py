@@ -109,9 +109,10 @@ def _publish(run: JobRun, outcome: Outcome) -> None:
 def _run_callback(run: JobRun) -> Any:
     """Execute, repeating a failed callback only as often as the job's `max_attempts` allows."""
     attempt = 1
+    execute_with_limits = execute.with_options(tags=run.worker_type.concurrency_tags() if run.worker_type else [])
     while True:
         try:
-            return execute(run)
+            return execute_with_limits(run)
         except CallbackFailed as failure:
             if attempt >= run.allowed_attempts:
                 raise

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 from prefect.states import Cancelling
 
 from flows.runtime.records import WorkerRecord
 from flows.runtime.wheelhouse import build_wheelhouse
 from flows.runtime.workers.docker import DockerWorker, build_runtime_image
 from flows.stack import docker_engine_answers
-from flows.submit import submit_job
+from flows.submit import submit_job, submit_session
 from tests.conftest import eventually, finished, read_logs
 from tests.platform import Platform
 
@@ -170,14 +171,27 @@ def test_a_failing_callback_in_a_container_fails_the_run_and_the_record(
     assert "ValueError: bad voxel" in platform.job(job_id)["errorMessage"]
 
 
-def test_an_image_that_cannot_run_the_flow_crashes_the_run(platform: Platform, docker_client) -> None:
+def test_a_container_that_exits_non_zero_crashes_the_run_and_its_session_records_it(
+    platform: Platform, docker_client
+) -> None:
     job_id = docker_job(platform, BASE_IMAGE, "no-runtime")
-    flow_run_id = submit_job(job_id)
+    session_id = str(platform.job(job_id)["sessionId"])
 
-    flow_run = finished(flow_run_id, timeout=300)
+    session_run = finished(submit_session(session_id), timeout=300)
 
-    assert flow_run.state.is_crashed() or flow_run.state.is_failed()
-    eventually(lambda: containers_of(docker_client, flow_run_id) == [], timeout=60)
+    assert session_run.state.is_failed() and job_id in session_run.state.message
+    job_runs = platform_runs_of_job(job_id)
+    assert len(job_runs) == 1 and job_runs[0].state.is_crashed()
+    record = platform.job(job_id)
+    assert record["error"] and "ended without recording an outcome" in record["errorMessage"]
+    assert "exited with status code" in record["errorMessage"]
+    eventually(lambda: containers_of(docker_client, job_runs[0].id) == [], timeout=60)
+
+
+def platform_runs_of_job(job_id: str) -> list:
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_=job_id)))
+    return [run for run in runs if run.name.endswith(job_id)]
 
 
 def test_gpu_and_resource_settings_become_the_containers_configuration(docker_client) -> None:
@@ -199,3 +213,14 @@ def test_gpu_and_resource_settings_become_the_containers_configuration(docker_cl
     ]
     assert host_config["Memory"] == 2 * 1024**3 and host_config["NanoCpus"] == 1_500_000_000
     assert host_config["CapDrop"] == ["ALL"] and host_config["Privileged"] is False
+
+
+def test_callbacks_of_gpu_workers_carry_the_gpu_concurrency_tag() -> None:
+    def worker(**settings) -> DockerWorker:
+        return DockerWorker(WorkerRecord(id="w", name="n", type="docker", pre_scripts=[], post_scripts=[],
+                                         worker_files={}, settings={"image": "x", **settings}))
+
+    assert worker(gpus="all").concurrency_tags() == ["gpu"]
+    assert worker(gpus=2).job_variables()["container_create_kwargs"]["device_requests"][0]["count"] == 2
+    assert worker().concurrency_tags() == [] and "device_requests" not in worker().job_variables()[
+        "container_create_kwargs"]

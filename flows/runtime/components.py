@@ -29,6 +29,8 @@ class Component:
     version: str
     service: dict[str, Any] | None = field(default=None, repr=False)
     worker: dict[str, Any] | None = field(default=None, repr=False)
+    requires: list[str] = field(default_factory=list)
+    """Relative paths of components to install first (other services or workers this one needs)."""
 
     @classmethod
     def read(cls, folder: Path) -> Component:
@@ -44,15 +46,19 @@ class Component:
         return cls(
             folder=folder, name=manifest["name"], version=str(manifest.get("version", "0.0.1")),
             service=manifest.get("service"), worker=manifest.get("worker"),
+            requires=[str(path) for path in manifest.get("requires", [])],
         )
+
+    def subfolder(self, relative: Any, what: str) -> Path:
+        """A folder named by the manifest, which must lie inside the component."""
+        folder = (self.folder / relative).resolve() if isinstance(relative, str) else None
+        if folder is None or not folder.is_dir() or not folder.is_relative_to(self.folder.resolve()):
+            raise InvalidRecord(f"component '{self.name}': {what} must name a folder inside it")
+        return folder
 
     def service_folder(self, key: str) -> Path:
         assert self.service is not None
-        relative = self.service.get(key)
-        folder = (self.folder / relative).resolve() if isinstance(relative, str) else None
-        if folder is None or not folder.is_dir() or not folder.is_relative_to(self.folder.resolve()):
-            raise InvalidRecord(f"component '{self.name}': service.{key} must name a folder inside it")
-        return folder
+        return self.subfolder(self.service.get(key), f"service.{key}")
 
 
 def register_service(records: PlatformRecords, component: Component, replace: bool = False) -> str | None:

@@ -365,6 +365,19 @@ class PlatformRecords:
         return None if document is None else ServiceRecord.from_document(document)
 
     @database_call
+    def find_worker(self, name: str) -> WorkerRecord | None:
+        document = self.database.get_worker(name)
+        return None if document is None else WorkerRecord.from_document(document)
+
+    @database_call
+    def create_worker(self, document: dict[str, Any]) -> str:
+        return str(self.database.create_worker(document))
+
+    @database_call
+    def remove_worker(self, worker_id: str) -> None:
+        self.database.remove_worker_by_id(worker_id)
+
+    @database_call
     def create_service(self, document: dict[str, Any]) -> str:
         return str(self.database.create_service(document))
 

@@ -7,12 +7,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from flows.runtime.callback import Callback, read_outcome, write_invocation
 from flows.runtime.errors import InvalidRecord, UnknownWorkerType
 from flows.runtime.process import LineHandler, StopCheck, run_child
 from flows.runtime.records import WorkerRecord
+
+if TYPE_CHECKING:
+    from flows.runtime.installer import InstallContext
 
 _REGISTRY: dict[str | None, type[WorkerType]] = {}
 
@@ -66,11 +69,26 @@ class WorkerType(ABC):
         """Per-run settings for the work pool's worker (none for the process pool)."""
         return {}
 
+    def concurrency_tags(self) -> list[str]:
+        """Tags of the execute task, so a Prefect tag concurrency limit can cap scarce resources."""
+        return []
+
     def check(self) -> None:
         """Fail before anything runs when the environment is not usable."""
         interpreter = self.interpreter()
         if not (interpreter.is_file() and os.access(interpreter, os.X_OK)):
             raise InvalidRecord(f"{self.describe()}: interpreter {interpreter} does not exist on this host")
+
+    @classmethod
+    def install(cls, context: InstallContext) -> dict[str, Any]:
+        """Build the worker's environment on this host; return the fields it adds to the worker record.
+
+        Everything made is undone by the callables appended to `context.cleanups` if a later step fails.
+        """
+        raise UnknownWorkerType(f"{cls.__name__} environments are not installed")
+
+    def remove(self) -> None:  # noqa: B027 - most types build nothing to remove
+        """Remove what `install` built (the environment, the image)."""
 
     def run(
         self,
@@ -90,10 +108,16 @@ class WorkerType(ABC):
         return read_outcome(folder, callback, child)
 
 
-def worker_type_for(worker: WorkerRecord | None) -> WorkerType:
-    """The worker type that runs jobs of `worker` (None: the job has no worker)."""
-    record_type = worker.type if worker else None
+def worker_type_class(record_type: str | None, what: str) -> type[WorkerType]:
+    """The registered class for a `workers.type` value, or UnknownWorkerType naming the known ones."""
     if record_type not in _REGISTRY:
         known = ", ".join(sorted(str(name) for name in _REGISTRY if name))
-        raise UnknownWorkerType(f"worker '{worker.name}' has type '{record_type}'; this runtime runs {known}")
-    return _REGISTRY[record_type](worker)
+        raise UnknownWorkerType(f"{what} has type '{record_type}'; this runtime runs {known}")
+    return _REGISTRY[record_type]
+
+
+def worker_type_for(worker: WorkerRecord | None) -> WorkerType:
+    """The worker type that runs jobs of `worker` (None: the job has no worker)."""
+    if worker is None:
+        return worker_type_class(None, "a job without worker")(None)
+    return worker_type_class(worker.type, f"worker '{worker.name}'")(worker)

@@ -13,19 +13,25 @@ Two sides of one type:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
 import tarfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flows.runtime.errors import InvalidRecord
 from flows.runtime.workers.base import JobFolders, WorkerType
 
+if TYPE_CHECKING:
+    from flows.runtime.installer import InstallContext
+
 RUNTIME_VENV = "/opt/dcm-flows"
 IN_CONTAINER_VARIABLE = "DCM_FLOWS_IN_CONTAINER"
 DEFAULT_USER = "10001:10001"
+WORKER_LABEL = "dcm-flows.worker"
+GPU_TAG = "gpu"
 CONTAINER_RUN_OPTIONS = ("shm_size", "ulimits", "ipc_mode", "cpu_shares", "cpuset_cpus", "environment")
 """The keys of the platform's `params.run_kwargs` that still make sense when the container runs a flow."""
 
@@ -64,6 +70,75 @@ class DockerWorker(WorkerType):
 
     def extra_environment(self) -> dict[str, str]:
         return {"PYTHONPATH": str(self._mount("module_dir_mount", "/module"))}
+
+    @classmethod
+    def install(cls, context: InstallContext) -> dict[str, Any]:
+        """Build the worker's Dockerfile (or take its `image`), then add this runtime on top of it."""
+        import docker
+        from docker.errors import APIError, BuildError, ImageNotFound
+
+        from flows.runtime.installer import InstallError
+        from flows.runtime.wheelhouse import build_wheelhouse
+
+        client = docker.from_env()
+        settings = context.settings
+        labels = {WORKER_LABEL: context.name}
+        if settings.get("build"):
+            tag = f"dcm-worker/{context.name}:latest"
+            try:
+                image, log = client.images.build(
+                    path=str(context.folder), dockerfile=settings["build"], tag=tag, rm=True, forcerm=True,
+                    buildargs={key: str(value) for key, value in (settings.get("build_kwargs") or {}).items()},
+                    labels=labels,
+                )
+            except BuildError as error:
+                for entry in error.build_log:
+                    context.on_line("stdout", str(entry.get("stream", entry.get("error", ""))).rstrip())
+                raise InstallError(f"the Dockerfile of worker '{context.name}' failed to build: {error.msg}") from error
+            for entry in log:
+                if entry.get("stream", "").strip():
+                    context.on_line("stdout", entry["stream"].rstrip())
+            context.cleanups.append(lambda: _remove_image(client, image.id))
+            worker_image, built = image.id, True
+        elif settings.get("image"):
+            try:
+                worker_image = client.images.get(settings["image"]).id
+            except ImageNotFound:
+                try:
+                    worker_image = client.images.pull(settings["image"]).id
+                except APIError as error:
+                    raise InstallError(
+                        f"image '{settings['image']}' is not on this engine and cannot be pulled: {error}"
+                    ) from error
+            built = False
+        else:
+            raise InstallError(f"docker worker '{context.name}' names neither `build` nor `image`")
+        context.progress("runtime layer", 55)
+        wheelhouse = context.host.wheelhouse or build_wheelhouse(context.host.environments_folder / "wheelhouse")
+        try:
+            runtime = build_runtime_image(
+                client, worker_image, wheelhouse, f"dcm-worker/{context.name}-runtime:latest", labels
+            )
+        except InvalidRecord as error:
+            raise InstallError(str(error)) from error
+        context.cleanups.append(lambda: _remove_image(client, runtime))
+        return {"image": worker_image, "image_built": built, "runtime_image": runtime}
+
+    def remove(self) -> None:
+        import docker
+
+        assert self.worker is not None
+        client = docker.from_env()
+        runtime = self.worker.setting("runtime_image", str)
+        if runtime:
+            _remove_image(client, runtime)
+        if self.worker.setting("image_built", bool, default=False):
+            _remove_image(client, self.worker.setting("image", str))
+
+    def concurrency_tags(self) -> list[str]:
+        """`gpu` for workers with GPUs: `prefect concurrency-limit create gpu N` caps their callbacks at N."""
+        assert self.worker is not None
+        return [GPU_TAG] if self.worker.setting("gpus", (str, int, list)) is not None else []
 
     def job_variables(self) -> dict[str, Any]:
         """Per-run settings of the prefect-docker worker, from the worker record."""
@@ -142,7 +217,17 @@ def _build_context(wheelhouse: Path) -> io.BytesIO:
     return context
 
 
-def build_runtime_image(client: Any, worker_image: str, wheelhouse: Path, tag: str) -> str:
+def _remove_image(client: Any, image: str | None) -> None:
+    from docker.errors import APIError
+
+    if image:
+        with contextlib.suppress(APIError):
+            client.images.remove(image, force=True)
+
+
+def build_runtime_image(
+    client: Any, worker_image: str, wheelhouse: Path, tag: str, labels: dict[str, str] | None = None
+) -> str:
     """Add this runtime (from `wheelhouse`, offline) on top of `worker_image`; return the image id.
 
     Fails with the build log's last lines when the image's Python cannot host the runtime.
@@ -152,7 +237,7 @@ def build_runtime_image(client: Any, worker_image: str, wheelhouse: Path, tag: s
     try:
         image, _ = client.images.build(
             fileobj=_build_context(wheelhouse), custom_context=True, tag=tag, rm=True, forcerm=True,
-            buildargs={"WORKER_IMAGE": worker_image}, network_mode="none",
+            buildargs={"WORKER_IMAGE": worker_image}, network_mode="none", labels=labels or {},
         )
     except BuildError as error:
         lines = [str(entry.get("stream", entry.get("error", ""))).rstrip() for entry in error.build_log]

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import glob
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from flows.runtime.workers.base import WorkerType
+
+if TYPE_CHECKING:
+    from flows.runtime.installer import InstallContext
+
+SERVICE_PACKAGE = "dcm-processor-service"
 
 
 class VenvWorker(WorkerType):
@@ -22,3 +34,89 @@ class VenvWorker(WorkerType):
         venv = self.worker.setting("venv_path", str, default="venv")
         home = self.worker.setting("path", str, default="/")
         return Path(home, venv, python)
+
+    @classmethod
+    def install(cls, context: InstallContext) -> dict[str, Any]:
+        """virtualenv with the Python that `python_version` asks for, then dcm-processor-service and the
+        worker's requirements (uv when available, else pip), from the host's wheelhouse or index."""
+        from flows.runtime.installer import run_command
+
+        interpreter, version = find_interpreter(context.settings.get("python_version"))
+        home = context.host.environments_folder / context.name
+        shutil.rmtree(home, ignore_errors=True)
+        context.cleanups.append(lambda: shutil.rmtree(home, ignore_errors=True))
+        venv = home / "venv"
+        run_command(context, [sys.executable, "-m", "virtualenv", "--python", str(interpreter), str(venv)],
+                    "creating the virtual environment")
+        python = venv / "bin" / "python"
+        context.progress("packages", 40)
+        packages = [SERVICE_PACKAGE]
+        requirements = context.folder / "requirements.txt"
+        if requirements.is_file() and requirements.read_text().strip():
+            packages += ["-r", str(requirements)]
+        use_uv = context.host.installer != "pip" and importlib.util.find_spec("uv") is not None
+        sources = context.host.package_source_arguments()
+        if use_uv:
+            install = [sys.executable, "-m", "uv", "pip", "install", "--python", str(python), *sources, *packages]
+            freeze = [sys.executable, "-m", "uv", "pip", "freeze", "--python", str(python)]
+        else:
+            install = [str(python), "-m", "pip", "install", "--disable-pip-version-check", *sources, *packages]
+            freeze = [str(python), "-m", "pip", "freeze", "--disable-pip-version-check"]
+        run_command(context, install, "installing the worker's packages")
+        return {
+            "path": str(home),
+            "venv_path": "venv",
+            "venv_python_path": str(python),
+            "python_version": version,
+            "python_version_requested": context.settings.get("python_version"),
+            "installer": "uv" if use_uv else "pip",
+            "packages": run_command(context, freeze, "listing the installed packages"),
+        }
+
+    def remove(self) -> None:
+        assert self.worker is not None
+        home = self.worker.setting("path", str)
+        if home and Path(home, "venv").is_dir():
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def _version_of(python: str) -> str | None:
+    try:
+        completed = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
+                                   capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return completed.stdout.strip() if completed.returncode == 0 else None
+
+
+def _candidates() -> list[str]:
+    names = [sys.executable, *(shutil.which(f"python3.{minor}") for minor in range(6, 15)), shutil.which("python3")]
+    names += glob.glob(os.path.expanduser("~/.pyenv/versions/*/bin/python3"))
+    names += glob.glob("/usr/bin/python3.*[0-9]") + glob.glob("/usr/local/bin/python3.*[0-9]")
+    return list(dict.fromkeys(os.path.realpath(name) for name in names if name))
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".") if part.isdigit())
+
+
+def find_interpreter(requested: str | None) -> tuple[Path, str]:
+    """The interpreter for `python_version`: "3.11" (newest 3.11.x), "3.11.7", a path, or None (this one)."""
+    from flows.runtime.installer import InstallError
+
+    if not requested:
+        return Path(sys.executable), _version_of(sys.executable) or ""
+    requested = str(requested).strip()
+    if "/" in requested:
+        version = _version_of(requested)
+        if version is None:
+            raise InstallError(f"python_version '{requested}' is not a working Python interpreter")
+        return Path(requested), version
+    found = {python: version for python in _candidates() if (version := _version_of(python))}
+    matching = [(version, python) for python, version in found.items()
+                if version == requested or version.startswith(requested + ".")]
+    if not matching:
+        listed = ", ".join(sorted(set(found.values()), key=_version_key)) or "none"
+        raise InstallError(f"no Python {requested} on this host; the versions found are {listed}")
+    version, python = max(matching, key=lambda match: _version_key(match[0]))
+    return Path(python), version

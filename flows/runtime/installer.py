@@ -1,0 +1,239 @@
+"""Installing and removing dcm-processor components: worker environments, worker files and services.
+
+The records are the ones the platform's own tools write and read (`workers` with `worker_files` ids
+in `componentfiles`, `services` with module and registry zips, `device_id` of this host), so a
+component installed here is listed by the platform and one installed by the platform runs here.
+An install that fails leaves nothing half-made: the environment, the image, the uploaded files and
+the records it created are removed again before the error is raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+import urllib.request
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dcm_processor_utils import get_device_id
+
+from flows.runtime.archive import extract_archive
+from flows.runtime.components import MANIFEST, Component, register_service
+from flows.runtime.errors import InvalidRecord, UnknownWorkerType
+from flows.runtime.process import LineHandler, run_child
+from flows.runtime.records import PlatformRecords, WorkerRecord
+from flows.runtime.workers.base import WorkerType, worker_type_class, worker_type_for
+
+ProgressHandler = Callable[[str, float], None]
+DATA_FILE = "data_dir"
+DOWNLOAD_LIMIT_BYTES = 2 * 1024**3
+
+
+class InstallError(InvalidRecord):
+    """A component could not be installed; nothing of it was left behind."""
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    """Where this host builds environments and where packages come from (see blocks.host.WorkerHost)."""
+
+    environments_folder: Path
+    wheelhouse: Path | None = None
+    index_url: str | None = None
+    installer: str = "auto"
+
+    def package_source_arguments(self) -> list[str]:
+        if self.wheelhouse is not None:
+            return ["--no-index", "--find-links", str(self.wheelhouse)]
+        if self.index_url:
+            return ["--index-url", self.index_url]
+        return []
+
+
+@dataclass
+class InstallContext:
+    """What a worker type needs to build one worker environment."""
+
+    name: str
+    folder: Path
+    settings: dict[str, Any]
+    host: HostSettings
+    on_line: LineHandler
+    progress: ProgressHandler
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class InstallReport:
+    """What an install did, for the log and the run's result (names and ids only)."""
+
+    component: str
+    worker: str | None = None
+    worker_id: str | None = None
+    service_id: str | None = None
+    skipped: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def fetched(source: str) -> Iterator[Path]:
+    """The component folder of `source`: a folder, a .zip/.tar(.gz) archive, or an http(s) URL of one."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        yield _component_root(path.resolve())
+        return
+    with tempfile.TemporaryDirectory(prefix="dcm-component-") as temporary:
+        if source.startswith(("http://", "https://")):
+            with urllib.request.urlopen(source, timeout=120) as response:
+                content = response.read(DOWNLOAD_LIMIT_BYTES + 1)
+            if len(content) > DOWNLOAD_LIMIT_BYTES:
+                raise InstallError(f"{source} is larger than {DOWNLOAD_LIMIT_BYTES} bytes")
+            extract_archive(content, Path(temporary))
+        elif path.is_file():
+            extract_archive(path, Path(temporary))
+        else:
+            raise InstallError(f"{source} is neither a folder, an archive nor an http(s) URL")
+        yield _component_root(Path(temporary))
+
+
+def _component_root(folder: Path) -> Path:
+    if (folder / MANIFEST).is_file():
+        return folder
+    children = [child for child in folder.iterdir() if child.is_dir()]
+    if len(children) == 1 and (children[0] / MANIFEST).is_file():
+        return children[0]
+    raise InstallError(f"no {MANIFEST} in the component's top folder")
+
+
+def _zip_folder(folder: Path) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                archive.write(path, path.relative_to(folder).as_posix())
+    return buffer.getvalue()
+
+
+class ComponentInstaller:
+    """Installs and removes components against one platform database on this host."""
+
+    def __init__(self, records: PlatformRecords, host: HostSettings, on_line: LineHandler,
+                 progress: ProgressHandler) -> None:
+        self.records = records
+        self.host = host
+        self.on_line = on_line
+        self.progress = progress
+
+    def install(self, source: str, force: bool = False) -> InstallReport:
+        self.progress("fetch", 5)
+        with fetched(source) as folder:
+            component = Component.read(folder)
+            for required in component.requires:
+                self.install(str((folder / required).resolve()), force=False)
+            skipped: list[str] = []
+            worker_name = worker_id = None
+            if component.worker is not None:
+                worker_name, worker_id = self._install_worker(component, force, skipped)
+            service_id = None
+            if component.service is not None:
+                self.progress("register", 90)
+                service_id = register_service(self.records, component, replace=force)
+                if service_id is None:
+                    skipped.append(f"service '{component.name}' is already installed (use force to replace it)")
+            self.progress("done", 100)
+            return InstallReport(component.name, worker_name, worker_id, service_id, skipped)
+
+    def _install_worker(self, component: Component, force: bool, skipped: list[str]) -> tuple[str, str | None]:
+        assert component.worker is not None
+        worker_folder = component.subfolder(component.worker.get("path", "worker"), "worker.path")
+        settings_file = worker_folder / "settings.json"
+        try:
+            settings = json.loads(settings_file.read_text())
+        except (OSError, ValueError) as error:
+            raise InstallError(f"worker settings of '{component.name}' cannot be read: {error}") from error
+        name = settings.get("name") or component.name
+        type_name = component.worker.get("type") or settings.get("type")
+        worker_type: type[WorkerType] = worker_type_class(type_name, f"worker '{name}'")
+        existing = self.records.find_worker(name)
+        if existing is not None:
+            if not force:
+                skipped.append(f"worker '{name}' is already installed (use force to replace it)")
+                return name, existing.id
+            self.remove_worker(existing)
+        context = InstallContext(name, worker_folder, settings, self.host, self.on_line, self.progress)
+        try:
+            self.progress("environment", 20)
+            fields = worker_type.install(context)
+            self.progress("upload", 80)
+            files = self._upload_worker_files(context)
+            record = {
+                **settings, **fields, "name": name, "type": type_name, "version": component.version,
+                "device_id": get_device_id(), "worker_files": files,
+            }
+            return name, self.records.create_worker(record)
+        except BaseException:
+            for cleanup in reversed(context.cleanups):
+                cleanup()
+            raise
+
+    def _upload_worker_files(self, context: InstallContext) -> dict[str, Any]:
+        files: dict[str, Any] = {}
+        scripts = [*context.settings.get("pre_scripts", []), *context.settings.get("post_scripts", [])]
+        for script in dict.fromkeys(scripts):
+            path = (context.folder / script).resolve()
+            if not path.is_file() or not path.is_relative_to(context.folder.resolve()):
+                raise InstallError(f"worker '{context.name}': script '{script}' is not a file in the worker folder")
+            files[script] = self._upload(path.read_bytes(), script, context)
+        data_dir = context.settings.get("data_dir")
+        if data_dir:
+            folder = (context.folder / data_dir).resolve()
+            if not folder.is_dir() or not folder.is_relative_to(context.folder.resolve()):
+                raise InstallError(f"worker '{context.name}': data_dir '{data_dir}' is not a folder in the worker")
+            files[DATA_FILE] = self._upload(_zip_folder(folder), f"{context.name}-data.zip", context)
+        return files
+
+    def _upload(self, content: bytes, filename: str, context: InstallContext) -> Any:
+        file_id = self.records.upload_component_file(content, filename, {"worker": context.name})
+        context.cleanups.append(lambda: self.records.remove_component_file(file_id))
+        return self.records.database.make_oid(file_id)
+
+    def remove_worker(self, worker: WorkerRecord) -> None:
+        """Remove a worker's environment or image, its files and its record."""
+        with contextlib.suppress(UnknownWorkerType):
+            worker_type_for(worker).remove()
+        for file_id in worker.worker_files.values():
+            self.records.remove_component_file(file_id)
+        self.records.remove_worker(worker.id)
+
+    def remove(self, name: str) -> list[str]:
+        """Remove the service and the worker called `name`; return what was removed."""
+        removed = []
+        if self.records.find_service(name) is not None:
+            self.records.remove_service(name)
+            removed.append(f"service '{name}'")
+        worker = self.records.find_worker(name)
+        if worker is not None:
+            self.remove_worker(worker)
+            removed.append(f"worker '{name}'")
+        return removed
+
+
+def run_command(context: InstallContext, command: list[str], what: str) -> list[str]:
+    """Run an install step, streaming its output to the run's logs; return its stdout lines."""
+    output: list[str] = []
+
+    def collect(stream: str, line: str) -> None:
+        if stream == "stdout":
+            output.append(line)
+        context.on_line(stream, line)
+
+    child = run_child(command, env=dict(os.environ), cwd=context.folder, timeout_seconds=None, on_line=collect)
+    if child.returncode != 0:
+        raise InstallError(f"{what} failed (exit code {child.returncode}); its output is in the run's logs")
+    return output

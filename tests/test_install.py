@@ -1,0 +1,184 @@
+"""Installing and removing components through the deployments, with real virtualenv, uv, Docker and GridFS."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.deployments import run_deployment
+
+from blocks.database import DcmDatabase
+from blocks.host import WorkerHost
+from flows.install import install_component_flow, remove_component_flow
+from flows.runtime.workers.docker import WORKER_LABEL
+from flows.stack import docker_engine_answers
+from flows.submit import submit_job
+from tests.conftest import finished
+from tests.platform import Platform
+
+pytestmark = pytest.mark.integration
+
+ECHO_SERVICE = """
+import sys
+import six
+
+def echo(session_id, job_name, headers, params, added_params, **kwargs):
+    return {"six": six.__version__, "python": sys.executable}
+"""
+
+
+def component(folder: Path, name: str, requirements: str = "six==1.16.0", worker: dict | None = None,
+              files: dict[str, str] | None = None) -> Path:
+    (folder / "module").mkdir(parents=True)
+    (folder / "registry").mkdir()
+    (folder / "worker").mkdir()
+    (folder / "module" / "__init__.py").write_text(ECHO_SERVICE)
+    (folder / "registry" / "__init__.py").write_text("def accept(**kwargs):\n    return True, {}\n")
+    settings = worker or {"name": name, "params": {}, "python_version": "3.11"}
+    (folder / "worker" / "settings.json").write_text(json.dumps(settings))
+    (folder / "worker" / "requirements.txt").write_text(requirements)
+    for relative, text in (files or {}).items():
+        (folder / "worker" / relative).write_text(text)
+    manifest = {
+        "name": name, "version": "1.0.0",
+        "worker": {"path": "worker", "type": "docker" if worker and "build" in worker else "venv"},
+        "service": {"module": "module", "registry": "registry", "jobs": [
+            {"jobName": "echo", "workerEntry": "echo", "registryEntry": "accept", "events": ["stable-series"],
+             "worker": name},
+        ]},
+    }
+    (folder / "dcm-processor.json").write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def environments(stack, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("environments")
+    WorkerHost(environments_folder=str(folder)).save("default", overwrite=True)
+    return folder
+
+
+def component_files(platform: Platform) -> int:
+    return platform.manager.db.count("componentfiles.files")
+
+
+def test_a_component_installed_through_the_deployment_runs_its_job_and_the_platform_reads_it(
+    platform: Platform, environments: Path, tmp_path: Path
+) -> None:
+    source = component(tmp_path / "echo", "venv-echo")
+
+    run = run_deployment("dcm-install-component/process", parameters={"source": str(source)}, timeout=0)
+    final = finished(run.id, timeout=400)
+
+    assert final.state.is_completed(), final.state.message
+    worker = platform.manager.get_worker("venv-echo")
+    service = platform.manager.get_service("venv-echo")
+    assert worker["type"] == "venv" and worker["device_id"] and worker["python_version"].startswith("3.11.")
+    assert "six==1.16.0" in worker["packages"]
+    assert Path(worker["venv_python_path"]).is_file()
+    assert service["jobs"][0]["worker"] == "venv-echo" and service["module"] and service["registry"]
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[run.id])))
+    assert [artifact.data for artifact in artifacts if artifact.type == "progress"] == [100.0]
+
+    job_id = platform.service_job(str(service["_id"]), worker_id=str(worker["_id"]), entry="echo")
+    assert finished(submit_job(job_id)).state.is_completed()
+    result = platform.job(job_id)["result"]
+    assert result == {"six": "1.16.0", "python": worker["venv_python_path"]}
+
+
+def test_reinstalling_needs_force_and_removing_leaves_nothing(
+    platform: Platform, environments: Path, tmp_path: Path
+) -> None:
+    files_before = component_files(platform)
+    source = str(component(tmp_path / "again", "venv-again"))
+    first = install_component_flow(source)
+
+    unchanged = install_component_flow(source)
+    replaced = install_component_flow(source, force=True)
+
+    assert unchanged["worker_id"] == first["worker_id"] and unchanged["service_id"] is None
+    assert "already installed" in " ".join(unchanged["skipped"])
+    assert replaced["worker_id"] != first["worker_id"] and replaced["service_id"] != first["service_id"]
+    assert component_files(platform) == files_before + 2, "the replaced module and registry zips are gone"
+    venv = Path(platform.manager.get_worker("venv-again")["path"])
+
+    removed = remove_component_flow("venv-again")
+
+    assert removed == ["service 'venv-again'", "worker 'venv-again'"]
+    assert platform.manager.get_worker("venv-again") is None and platform.manager.get_service("venv-again") is None
+    assert not venv.exists() and component_files(platform) == files_before
+
+
+def test_a_broken_requirement_fails_the_install_and_leaves_nothing(
+    platform: Platform, environments: Path, tmp_path: Path
+) -> None:
+    files_before = component_files(platform)
+    source = component(tmp_path / "broken", "venv-broken", requirements="dcm-no-such-package-anywhere==9.9.9\n")
+
+    with pytest.raises(Exception, match="installing the worker's packages failed"):
+        install_component_flow(str(source))
+
+    assert platform.manager.get_worker("venv-broken") is None
+    assert platform.manager.get_service("venv-broken") is None
+    assert not (environments / "venv-broken").exists() and component_files(platform) == files_before
+
+
+def test_an_archive_with_an_entry_escaping_its_folder_is_refused(
+    platform: Platform, environments: Path, tmp_path: Path
+) -> None:
+    source = component(tmp_path / "escaping", "venv-escaping")
+    archive = tmp_path / "escaping.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for path in source.rglob("*"):
+            if path.is_file():
+                bundle.write(path, path.relative_to(tmp_path).as_posix())
+        bundle.writestr("escaping/../../dcm-install-escape.txt", "x")
+
+    with pytest.raises(Exception, match="escapes the destination folder"):
+        install_component_flow(str(archive))
+
+    assert not (tmp_path.parent / "dcm-install-escape.txt").exists()
+    assert platform.manager.get_worker("venv-escaping") is None
+
+
+def test_no_python_of_the_asked_version_names_the_versions_found(
+    platform: Platform, environments: Path, tmp_path: Path
+) -> None:
+    settings = {"name": "venv-old", "params": {}, "python_version": "2.5"}
+    source = component(tmp_path / "old", "venv-old", worker=settings)
+
+    with pytest.raises(Exception, match=r"no Python 2\.5 on this host; the versions found are .*3\.11"):
+        install_component_flow(str(source))
+
+
+@pytest.mark.docker
+def test_a_docker_worker_whose_dockerfile_fails_leaves_no_image_record_or_file(
+    platform: Platform, environments: Path, tmp_path: Path, database: DcmDatabase
+) -> None:
+    if not docker_engine_answers():
+        pytest.skip("no Docker engine could be reached (run .ci/docker-engine.sh as root to start one)")
+    import docker
+
+    files_before = component_files(platform)
+    settings = {"name": "docker-broken", "build": "Dockerfile", "params": {"command": [], "run_kwargs": {}},
+                "pre_scripts": ["pre.py"], "post_scripts": [], "build_kwargs": {"GREETING": "hello"}}
+    source = component(tmp_path / "docker", "docker-broken", worker=settings, files={
+        "Dockerfile": "FROM dcm-flows/python-base:bookworm\nARG GREETING\nRUN echo $GREETING && exit 3\n",
+        "pre.py": "def callback(**kwargs):\n    pass\n",
+    })
+
+    with pytest.raises(Exception, match="failed to build"):
+        install_component_flow(str(source))
+
+    client = docker.from_env()
+    assert client.images.list(filters={"label": f"{WORKER_LABEL}=docker-broken"}) == []
+    assert client.containers.list(all=True, filters={"ancestor": "dcm-flows/python-base:bookworm"}) == []
+    assert platform.manager.get_worker("docker-broken") is None and component_files(platform) == files_before
+    shutil.rmtree(tmp_path / "docker")
