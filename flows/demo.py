@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 from uuid import UUID
 
 from dcm_processor_job_scheduler import JobScheduler
@@ -19,7 +18,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from blocks.database import DcmDatabase
-from flows.runtime.components import Component, register_service
+from flows.install import install_component_flow
 from flows.runtime.records import PlatformRecords
 from flows.stack import DATABASE_BLOCK, PROJECT_DIR, LocalStack, StackState
 from flows.submit import submit_session, wait_for_run
@@ -76,8 +75,8 @@ def run_demo(stack: LocalStack, say: Callable[[str], None] = print) -> list[tupl
     say(f"  database  {state.database_url}\n  Prefect   {state.ui_url}")
     database = DcmDatabase.load(DATABASE_BLOCK)
     records = PlatformRecords(database.open())
-    register_service(records, Component.read(Path(EXAMPLE_COMPONENT)), replace=True)
-    say("Registered the example service 'series-summary'.")
+    install_component_flow(str(EXAMPLE_COMPONENT), force=True)
+    say("Installed the example component 'series-summary' (a dcm-install-component run).")
     upload_example_patient(database)
     session_id = schedule_stable_patient(database, records)
     jobs = records.session_jobs(session_id)

@@ -104,5 +104,5 @@ def test_a_worker_of_an_unknown_type_is_refused_with_the_types_this_runtime_runs
     worker = WorkerRecord(id="w", name="gpu-box", type="kubernetes", pre_scripts=[], post_scripts=[],
                           worker_files={}, settings={})
 
-    with pytest.raises(UnknownWorkerType, match="type 'kubernetes'; this runtime runs venv, virtualenv"):
+    with pytest.raises(UnknownWorkerType, match="type 'kubernetes'; this runtime runs docker, venv, virtualenv"):
         worker_type_for(worker)
