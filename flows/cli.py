@@ -6,8 +6,11 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from uuid import UUID
 
 from flows.stack import DEFAULT_HOME, LocalStack
+
+WAIT_SECONDS = 24 * 3600
 
 
 def _stack(arguments: argparse.Namespace) -> LocalStack:
@@ -45,32 +48,31 @@ def stack_status(arguments: argparse.Namespace) -> int:
     return 0
 
 
-def submit_job_command(arguments: argparse.Namespace) -> int:
-    from flows.submit import submit_job, wait_for_run
+def _report(flow_run_id: UUID, wait: bool) -> int:
+    """Print the run's id and, when asked to wait, its final state; non-zero when it did not complete."""
+    from flows.submit import wait_for_run
 
-    _use_running_stack(_stack(arguments))
-    flow_run_id = submit_job(arguments.job_id, database_block=arguments.database_block)
     print(f"flow run {flow_run_id}")
-    if not arguments.wait:
+    if not wait:
         return 0
-    flow_run = wait_for_run(flow_run_id)
+    flow_run = wait_for_run(flow_run_id, timeout_seconds=WAIT_SECONDS)
     assert flow_run.state is not None
     print(f"{flow_run.state.name}: {flow_run.state.message or ''}")
     return 0 if flow_run.state.is_completed() else 1
+
+
+def submit_job_command(arguments: argparse.Namespace) -> int:
+    from flows.submit import submit_job
+
+    _use_running_stack(_stack(arguments))
+    return _report(submit_job(arguments.job_id, database_block=arguments.database_block), arguments.wait)
 
 
 def submit_session_command(arguments: argparse.Namespace) -> int:
-    from flows.submit import submit_session, wait_for_run
+    from flows.submit import submit_session
 
     _use_running_stack(_stack(arguments))
-    flow_run_id = submit_session(arguments.session_id, database_block=arguments.database_block)
-    print(f"flow run {flow_run_id}")
-    if not arguments.wait:
-        return 0
-    flow_run = wait_for_run(flow_run_id, timeout_seconds=24 * 3600)
-    assert flow_run.state is not None
-    print(f"{flow_run.state.name}: {flow_run.state.message or ''}")
-    return 0 if flow_run.state.is_completed() else 1
+    return _report(submit_session(arguments.session_id, database_block=arguments.database_block), arguments.wait)
 
 
 def bridge(arguments: argparse.Namespace) -> int:

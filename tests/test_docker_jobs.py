@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import tarfile
 import zipfile
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from prefect.states import Cancelling
 
 from flows.runtime.records import WorkerRecord
 from flows.runtime.wheelhouse import build_wheelhouse
-from flows.runtime.workers.docker import DockerWorker, build_runtime_image
+from flows.runtime.workers.docker import DockerWorker, build_context, build_runtime_image
 from flows.stack import docker_engine_answers
 from flows.submit import submit_job, submit_session
 from tests.conftest import eventually, finished, read_logs
@@ -72,16 +71,8 @@ def docker_client():
 def runtime_image(docker_client, tmp_path_factory: pytest.TempPathFactory, stack) -> str:
     """A worker image as a service author would write it, plus this runtime's layer, built offline."""
     wheelhouse = build_wheelhouse(Path(".dcm-flows/wheelhouse").resolve())
-    context = io.BytesIO()
-    with tarfile.open(fileobj=context, mode="w") as archive:
-        dockerfile = WORKER_DOCKERFILE.encode()
-        info = tarfile.TarInfo("Dockerfile")
-        info.size = len(dockerfile)
-        archive.addfile(info, io.BytesIO(dockerfile))
-        archive.add(str(wheelhouse), arcname="wheelhouse")
-    context.seek(0)
-    docker_client.images.build(fileobj=context, custom_context=True, tag="dcm-flows-test/worker:latest", rm=True,
-                               network_mode="none")
+    docker_client.images.build(fileobj=build_context(WORKER_DOCKERFILE, wheelhouse), custom_context=True,
+                               tag="dcm-flows-test/worker:latest", rm=True, network_mode="none")
     return build_runtime_image(
         docker_client, "dcm-flows-test/worker:latest", wheelhouse, "dcm-flows-test/runtime:latest"
     )

@@ -12,7 +12,7 @@ import stat
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -74,6 +74,18 @@ class _Extraction:
         if self.bytes_written + entry.declared_size > self.limits.max_total_bytes:
             raise ArchiveError(f"archive expands to more than {self.limits.max_total_bytes} bytes")
 
+    def extract(self, entry: _Entry, open_content: Callable[[], IO[bytes]]) -> None:
+        """Check one entry against the folder and the limits, then create its folder or write its file."""
+        target = self.target(entry)
+        self.count(entry)
+        if target is None:
+            return
+        if entry.is_directory:
+            target.mkdir(parents=True, exist_ok=True)
+            return
+        with open_content() as content:
+            self.write(target, content)
+
     def write(self, target: Path, source: IO[bytes]) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(target, "wb") as output:
@@ -84,26 +96,13 @@ class _Extraction:
                 output.write(chunk)
 
 
-def _zip_entries(archive: zipfile.ZipFile) -> Iterator[tuple[_Entry, zipfile.ZipInfo]]:
-    for info in archive.infolist():
-        mode = info.external_attr >> 16
-        if stat.S_ISLNK(mode):
-            raise ArchiveError(f"archive entry '{info.filename}' is a symbolic link")
-        yield _Entry(info.filename, info.is_dir(), info.file_size), info
-
-
 def _extract_zip(source: BinaryIO, extraction: _Extraction) -> None:
     with zipfile.ZipFile(source) as archive:
-        for entry, info in _zip_entries(archive):
-            target = extraction.target(entry)
-            extraction.count(entry)
-            if target is None:
-                continue
-            if entry.is_directory:
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            with archive.open(info) as member:
-                extraction.write(target, member)
+        for info in archive.infolist():
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise ArchiveError(f"archive entry '{info.filename}' is a symbolic link")
+            entry = _Entry(info.filename, info.is_dir(), info.file_size)
+            extraction.extract(entry, lambda info=info: archive.open(info))
 
 
 def _extract_tar(source: BinaryIO, extraction: _Extraction) -> None:
@@ -111,18 +110,16 @@ def _extract_tar(source: BinaryIO, extraction: _Extraction) -> None:
         for member in archive:
             if not (member.isfile() or member.isdir()):
                 raise ArchiveError(f"archive entry '{member.name}' is a link or special file")
-            entry = _Entry(member.name, member.isdir(), member.size)
-            target = extraction.target(entry)
-            extraction.count(entry)
-            if target is None:
-                continue
-            if entry.is_directory:
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            content = archive.extractfile(member)
-            if content is None:
-                raise ArchiveError(f"archive entry '{member.name}' cannot be read")
-            extraction.write(target, content)
+            extraction.extract(
+                _Entry(member.name, member.isdir(), member.size), lambda member=member: _tar_member(archive, member)
+            )
+
+
+def _tar_member(archive: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
+    content = archive.extractfile(member)
+    if content is None:
+        raise ArchiveError(f"archive entry '{member.name}' cannot be read")
+    return content
 
 
 @contextmanager

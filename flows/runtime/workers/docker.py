@@ -205,13 +205,14 @@ ENV {IN_CONTAINER_VARIABLE}=1
 """
 
 
-def _build_context(wheelhouse: Path) -> io.BytesIO:
+def build_context(dockerfile: str, wheelhouse: Path) -> io.BytesIO:
+    """A docker build context (tar) with a Dockerfile and the wheelhouse as `wheelhouse/`."""
     context = io.BytesIO()
     with tarfile.open(fileobj=context, mode="w") as archive:
-        dockerfile = RUNTIME_DOCKERFILE.encode()
+        content = dockerfile.encode()
         info = tarfile.TarInfo("Dockerfile")
-        info.size = len(dockerfile)
-        archive.addfile(info, io.BytesIO(dockerfile))
+        info.size = len(content)
+        archive.addfile(info, io.BytesIO(content))
         archive.add(str(wheelhouse), arcname="wheelhouse")
     context.seek(0)
     return context
@@ -236,7 +237,7 @@ def build_runtime_image(
 
     try:
         image, _ = client.images.build(
-            fileobj=_build_context(wheelhouse), custom_context=True, tag=tag, rm=True, forcerm=True,
+            fileobj=build_context(RUNTIME_DOCKERFILE, wheelhouse), custom_context=True, tag=tag, rm=True, forcerm=True,
             buildargs={"WORKER_IMAGE": worker_image}, network_mode="none", labels=labels or {},
         )
     except BuildError as error:
