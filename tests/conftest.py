@@ -17,11 +17,13 @@ from uuid import UUID
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.objects import FlowRun, Log
 
 from blocks.database import DcmDatabase
-from flows.stack import DATABASE_BLOCK, LocalStack, StackState
+from flows.runtime.wheelhouse import build_wheelhouse
+from flows.runtime.workers.docker import build_context, build_runtime_image
+from flows.stack import DATABASE_BLOCK, LocalStack, StackState, docker_engine_answers
 from flows.submit import wait_for_run
 from tests.platform import Platform
 
@@ -68,11 +70,6 @@ def read_flow_run(flow_run_id: UUID) -> FlowRun:
         return client.read_flow_run(flow_run_id)
 
 
-def child_runs_of(flow_run_id: UUID) -> list[FlowRun]:
-    with get_client(sync_client=True) as client:
-        return client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-
-
 def eventually(condition: Callable[[], Any], timeout: float = 60, interval: float = 0.2) -> Any:
     """Poll until `condition()` is truthy and return it; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -86,3 +83,44 @@ def eventually(condition: Callable[[], Any], timeout: float = 60, interval: floa
 
 def finished(flow_run_id: UUID, timeout: float = 180) -> FlowRun:
     return wait_for_run(flow_run_id, timeout_seconds=timeout)
+
+
+BASE_IMAGE = "dcm-flows/python-base:bookworm"
+TEST_WORKER_IMAGE = "dcm-flows-test/worker:latest"
+WORKER_DOCKERFILE = """\
+FROM dcm-flows/python-base:bookworm
+COPY wheelhouse /tmp/wheelhouse
+RUN python3 -m venv /opt/service \\
+ && /opt/service/bin/pip install --no-cache-dir --no-index --find-links /tmp/wheelhouse dcm-processor-service \\
+ && rm -rf /tmp/wheelhouse
+ENV PATH=/opt/service/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+"""
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    if not docker_engine_answers():
+        pytest.skip("no Docker engine could be reached (run .ci/docker-engine.sh as root to start one)")
+    import docker
+
+    return docker.from_env()
+
+
+@pytest.fixture(scope="session")
+def wheelhouse() -> Path:
+    """Every wheel the runtime needs, downloaded on the host once, so images build with no network."""
+    return build_wheelhouse(Path(".dcm-flows/wheelhouse").resolve())
+
+
+@pytest.fixture(scope="session")
+def worker_image(docker_client, wheelhouse: Path) -> str:
+    """A worker image as a service author would write it: Python with dcm-processor-service."""
+    docker_client.images.build(fileobj=build_context(WORKER_DOCKERFILE, wheelhouse), custom_context=True,
+                               tag=TEST_WORKER_IMAGE, rm=True, network_mode="none")
+    return TEST_WORKER_IMAGE
+
+
+@pytest.fixture(scope="session")
+def runtime_image(docker_client, worker_image: str, wheelhouse: Path, stack: StackState) -> str:
+    """The worker image with this runtime's layer on top, built offline."""
+    return build_runtime_image(docker_client, worker_image, wheelhouse, "dcm-flows-test/runtime:latest")

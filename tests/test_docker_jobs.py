@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import zipfile
-from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -12,24 +11,12 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 from prefect.states import Cancelling
 
 from flows.runtime.records import WorkerRecord
-from flows.runtime.wheelhouse import build_wheelhouse
-from flows.runtime.workers.docker import DockerWorker, build_context, build_runtime_image
-from flows.stack import docker_engine_answers
+from flows.runtime.workers.docker import DockerWorker
 from flows.submit import submit_job, submit_session
-from tests.conftest import eventually, finished, read_logs
+from tests.conftest import BASE_IMAGE, eventually, finished, read_logs
 from tests.platform import Platform
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
-
-BASE_IMAGE = "dcm-flows/python-base:bookworm"
-WORKER_DOCKERFILE = """\
-FROM dcm-flows/python-base:bookworm
-COPY wheelhouse /tmp/wheelhouse
-RUN python3 -m venv /opt/service \\
- && /opt/service/bin/pip install --no-cache-dir --no-index --find-links /tmp/wheelhouse dcm-processor-service \\
- && rm -rf /tmp/wheelhouse
-ENV PATH=/opt/service/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-"""
 
 CONTAINER_SERVICE = """
 import os, sys, time
@@ -56,26 +43,6 @@ from dcm_processor_service import set_session_data
 def callback(session_id, job_name, headers, params, added_params, session_dir, **kwargs):
     set_session_data("{name}", {{"session_dir": session_dir, "exists": os.path.isdir(session_dir)}})
 """
-
-
-@pytest.fixture(scope="session")
-def docker_client():
-    if not docker_engine_answers():
-        pytest.skip("no Docker engine could be reached (run .ci/docker-engine.sh as root to start one)")
-    import docker
-
-    return docker.from_env()
-
-
-@pytest.fixture(scope="session")
-def runtime_image(docker_client, tmp_path_factory: pytest.TempPathFactory, stack) -> str:
-    """A worker image as a service author would write it, plus this runtime's layer, built offline."""
-    wheelhouse = build_wheelhouse(Path(".dcm-flows/wheelhouse").resolve())
-    docker_client.images.build(fileobj=build_context(WORKER_DOCKERFILE, wheelhouse), custom_context=True,
-                               tag="dcm-flows-test/worker:latest", rm=True, network_mode="none")
-    return build_runtime_image(
-        docker_client, "dcm-flows-test/worker:latest", wheelhouse, "dcm-flows-test/runtime:latest"
-    )
 
 
 def docker_worker(platform: Platform, image: str, name: str, **settings) -> str:

@@ -18,7 +18,7 @@ from flows.install import install_component_flow, remove_component_flow
 from flows.runtime.workers.docker import WORKER_LABEL
 from flows.stack import docker_engine_answers
 from flows.submit import submit_job
-from tests.conftest import finished
+from tests.conftest import eventually, finished
 from tests.platform import Platform
 
 pytestmark = pytest.mark.integration
@@ -182,3 +182,34 @@ def test_a_docker_worker_whose_dockerfile_fails_leaves_no_image_record_or_file(
     assert client.containers.list(all=True, filters={"ancestor": "dcm-flows/python-base:bookworm"}) == []
     assert platform.manager.get_worker("docker-broken") is None and component_files(platform) == files_before
     shutil.rmtree(tmp_path / "docker")
+
+
+@pytest.mark.docker
+def test_a_docker_component_is_built_with_its_build_args_and_its_job_runs_in_the_result(
+    platform: Platform, environments: Path, tmp_path: Path, worker_image: str, wheelhouse: Path, docker_client
+) -> None:
+    WorkerHost(environments_folder=str(environments), wheelhouse=str(wheelhouse)).save("offline", overwrite=True)
+    settings = {"name": "docker-greeter", "build": "Dockerfile", "build_kwargs": {"GREETING": "hello from the build"},
+                "params": {"command": [], "run_kwargs": {}}, "pre_scripts": [], "post_scripts": []}
+    source = component(tmp_path / "greeter", "docker-greeter", worker=settings, files={
+        "Dockerfile": f"FROM {worker_image}\nARG GREETING\nRUN echo $GREETING > /greeting.txt\n",
+    })
+    (source / "module" / "__init__.py").write_text(
+        "def echo(**kwargs):\n    return open('/greeting.txt').read().strip()\n"
+    )
+
+    report = install_component_flow(str(source), host_block="offline")
+
+    worker = platform.manager.get_worker("docker-greeter")
+    assert worker["type"] == "docker" and worker["image"].startswith("sha256:") and worker["runtime_image"]
+    assert docker_client.images.list(filters={"label": f"{WORKER_LABEL}=docker-greeter"})
+    job_id = platform.service_job(report["service_id"], worker_id=report["worker_id"], entry="echo")
+    platform.manager.db.update("jobs", job_id, {"$set": {"data.kwargs.worker_type": "docker"}})
+    assert finished(submit_job(job_id), timeout=300).state.is_completed()
+    assert platform.job(job_id)["result"] == "hello from the build"
+    eventually(lambda: docker_client.containers.list(all=True, filters={"ancestor": worker["runtime_image"]}) == [],
+               timeout=60)
+
+    remove_component_flow("docker-greeter")
+
+    assert docker_client.images.list(filters={"label": f"{WORKER_LABEL}=docker-greeter"}) == []

@@ -219,10 +219,11 @@ def build_context(dockerfile: str, wheelhouse: Path) -> io.BytesIO:
 
 
 def _remove_image(client: Any, image: str | None) -> None:
-    from docker.errors import APIError
+    """Remove an image that may already be gone; one still used by a running container is an error."""
+    from docker.errors import ImageNotFound
 
     if image:
-        with contextlib.suppress(APIError):
+        with contextlib.suppress(ImageNotFound):
             client.images.remove(image, force=True)
 
 
