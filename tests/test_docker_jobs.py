@@ -129,10 +129,20 @@ def test_a_failing_callback_in_a_container_fails_the_run_and_the_record(
     assert "ValueError: bad voxel" in platform.job(job_id)["errorMessage"]
 
 
+BROKEN_RUNTIME_DOCKERFILE = f"""\
+FROM {BASE_IMAGE}
+RUN mkdir -p /opt/dcm-flows/bin \\
+ && printf '#!/bin/sh\\necho the runtime is broken >&2\\nexit 3\\n' > /opt/dcm-flows/bin/prefect \\
+ && chmod +x /opt/dcm-flows/bin/prefect
+"""
+
+
 def test_a_container_that_exits_non_zero_crashes_the_run_and_its_session_records_it(
     platform: Platform, docker_client
 ) -> None:
-    job_id = docker_job(platform, BASE_IMAGE, "no-runtime")
+    image, _ = docker_client.images.build(fileobj=io.BytesIO(BROKEN_RUNTIME_DOCKERFILE.encode()),
+                                          tag="dcm-flows-test/broken-runtime:latest", rm=True)
+    job_id = docker_job(platform, image.id, "broken-runtime")
     session_id = str(platform.job(job_id)["sessionId"])
 
     session_run = finished(submit_session(session_id), timeout=300)
@@ -142,7 +152,7 @@ def test_a_container_that_exits_non_zero_crashes_the_run_and_its_session_records
     assert len(job_runs) == 1 and job_runs[0].state.is_crashed()
     record = platform.job(job_id)
     assert record["error"] and "ended without recording an outcome" in record["errorMessage"]
-    assert "exited with status code" in record["errorMessage"]
+    assert "3" in record["errorMessage"] and "status code" in record["errorMessage"]
     eventually(lambda: containers_of(docker_client, job_runs[0].id) == [], timeout=60)
 
 
