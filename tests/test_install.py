@@ -213,3 +213,20 @@ def test_a_docker_component_is_built_with_its_build_args_and_its_job_runs_in_the
     remove_component_flow("docker-greeter")
 
     assert docker_client.images.list(filters={"label": f"{WORKER_LABEL}=docker-greeter"}) == []
+
+
+def test_plain_pip_installs_when_uv_is_not_wanted_and_required_components_come_first(
+    platform: Platform, environments: Path, tmp_path: Path
+) -> None:
+    WorkerHost(environments_folder=str(environments), installer="pip").save("pip-host", overwrite=True)
+    component(tmp_path / "base", "venv-base")
+    dependent = component(tmp_path / "dependent", "venv-dependent")
+    manifest = json.loads((dependent / "dcm-processor.json").read_text())
+    (dependent / "dcm-processor.json").write_text(json.dumps({**manifest, "requires": ["../base"]}))
+
+    install_component_flow(str(dependent), host_block="pip-host")
+
+    for name in ("venv-base", "venv-dependent"):
+        worker = platform.manager.get_worker(name)
+        assert worker["installer"] == "pip" and "six==1.16.0" in worker["packages"]
+        assert platform.manager.get_service(name) is not None
