@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -17,11 +18,13 @@ def _stack(arguments: argparse.Namespace) -> LocalStack:
     return LocalStack(Path(arguments.home))
 
 
-def _use_running_stack(stack: LocalStack) -> None:
+def _connected(arguments: argparse.Namespace) -> contextlib.AbstractContextManager[None]:
     """Point this process at the local stack when it runs and no Prefect API is configured."""
+    stack = _stack(arguments)
     state = stack.state()
     if state is not None and "PREFECT_API_URL" not in os.environ:
-        stack.activate(state)
+        return stack.connected(state)
+    return contextlib.nullcontext()
 
 
 def stack_start(arguments: argparse.Namespace) -> int:
@@ -64,15 +67,17 @@ def _report(flow_run_id: UUID, wait: bool) -> int:
 def submit_job_command(arguments: argparse.Namespace) -> int:
     from flows.submit import submit_job
 
-    _use_running_stack(_stack(arguments))
-    return _report(submit_job(arguments.job_id, database_block=arguments.database_block), arguments.wait)
+    with _connected(arguments):
+        return _report(submit_job(arguments.job_id, database_block=arguments.database_block), arguments.wait)
 
 
 def submit_session_command(arguments: argparse.Namespace) -> int:
     from flows.submit import submit_session
 
-    _use_running_stack(_stack(arguments))
-    return _report(submit_session(arguments.session_id, database_block=arguments.database_block), arguments.wait)
+    with _connected(arguments):
+        return _report(
+            submit_session(arguments.session_id, database_block=arguments.database_block), arguments.wait
+        )
 
 
 def bridge(arguments: argparse.Namespace) -> int:
@@ -80,32 +85,29 @@ def bridge(arguments: argparse.Namespace) -> int:
     from flows.bridge import SessionBridge
     from flows.runtime.records import PlatformRecords
 
-    _use_running_stack(_stack(arguments))
-    records = PlatformRecords(DcmDatabase.resolve(arguments.database_block).open())
-    print("bridge: watching the jobs collection for new sessions", flush=True)
-    SessionBridge(records, arguments.database_block, say=lambda line: print(line, flush=True)).run(
-        arguments.poll_seconds, arguments.run_for_seconds
-    )
+    with _connected(arguments):
+        records = PlatformRecords(DcmDatabase.resolve(arguments.database_block).open())
+        print("bridge: watching the jobs collection for new sessions", flush=True)
+        SessionBridge(records, arguments.database_block, say=lambda line: print(line, flush=True)).run(
+            arguments.poll_seconds, arguments.run_for_seconds
+        )
     return 0
 
 
 def install(arguments: argparse.Namespace) -> int:
     from flows.install import install_component_flow
 
-    _use_running_stack(_stack(arguments))
-    report = install_component_flow(
-        str(Path(arguments.source).resolve()) if Path(arguments.source).exists() else arguments.source,
-        force=arguments.force, database_block=arguments.database_block,
-    )
-    print(report)
+    source = str(Path(arguments.source).resolve()) if Path(arguments.source).exists() else arguments.source
+    with _connected(arguments):
+        print(install_component_flow(source, force=arguments.force, database_block=arguments.database_block))
     return 0
 
 
 def remove(arguments: argparse.Namespace) -> int:
     from flows.install import remove_component_flow
 
-    _use_running_stack(_stack(arguments))
-    print(remove_component_flow(arguments.name, database_block=arguments.database_block))
+    with _connected(arguments):
+        print(remove_component_flow(arguments.name, database_block=arguments.database_block))
     return 0
 
 

@@ -73,6 +73,11 @@ def run_demo(stack: LocalStack, say: Callable[[str], None] = print) -> list[tupl
     say(f"Starting the embedded stack in {stack.home} ...")
     state: StackState = stack.start()
     say(f"  database  {state.database_url}\n  Prefect   {state.ui_url}")
+    with stack.connected(state):
+        return _run_session(state, say)
+
+
+def _run_session(state: StackState, say: Callable[[str], None]) -> list[tuple[str, str, object]]:
     database = DcmDatabase.load(DATABASE_BLOCK)
     records = PlatformRecords(database.open())
     install_component_flow(str(EXAMPLE_COMPONENT), force=True)

@@ -20,10 +20,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from pydantic import SecretStr
 
 from blocks.database import ENVIRONMENT_NAME, ENVIRONMENT_PROVIDER, ENVIRONMENT_URL, DcmDatabase
@@ -154,7 +156,6 @@ class LocalStack:
         if self.is_running():
             state = self.state()
             assert state is not None
-            self.activate(state)
             return state
         self.stop()
         self.home.mkdir(parents=True, exist_ok=True)
@@ -202,14 +203,21 @@ class LocalStack:
             completed = subprocess.run(command, cwd=PROJECT_DIR, env=environment, capture_output=True, text=True)
             if completed.returncode != 0:
                 raise StackError(f"`{' '.join(command[1:])}` failed:\n{completed.stdout}\n{completed.stderr}")
-        self.activate(state)
-        DcmDatabase(url=SecretStr(state.database_url), database_name=DATABASE_NAME).save(
-            DATABASE_BLOCK, overwrite=True
-        )
+        with self.connected(state):
+            DcmDatabase(url=SecretStr(state.database_url), database_name=DATABASE_NAME).save(
+                DATABASE_BLOCK, overwrite=True
+            )
 
-    def activate(self, state: StackState) -> None:
-        """Point this process's Prefect client (and the database fallback) at the stack."""
+    @contextmanager
+    def connected(self, state: StackState) -> Iterator[None]:
+        """Point this process's Prefect client (and the database fallback) at the stack.
+
+        Prefect reads its settings once, when it is imported, so the API URL is entered as a settings
+        context; processes started from here get it through the environment.
+        """
         os.environ.update({**self._prefect_environment(state.api_url), **state.environment()})
+        with temporary_settings(updates={PREFECT_API_URL: state.api_url}):
+            yield
 
     def _save(self, state: StackState) -> None:
         self.state_file.write_text(json.dumps(asdict(state), indent=2))

@@ -34,7 +34,9 @@ SERVICE_PACKAGES = ["dcm-processor-service==0.0.1"]
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackState]:
     local = LocalStack(tmp_path_factory.mktemp("stack"))
     try:
-        yield local.start()
+        state = local.start()
+        with local.connected(state):
+            yield state
     finally:
         local.stop()
 
