@@ -10,29 +10,26 @@ the records it created are removed again before the error is raised.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import tempfile
 import urllib.request
-import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dcm_processor_utils import get_device_id
+from dcm_processor_utils import get_device_id, zip_directory_to_bytesio
 
 from flows.runtime.archive import extract_archive
 from flows.runtime.components import MANIFEST, Component, register_service
 from flows.runtime.errors import InvalidRecord, UnknownWorkerType
 from flows.runtime.process import LineHandler, run_child
-from flows.runtime.records import PlatformRecords, WorkerRecord
+from flows.runtime.records import WORKER_DATA_FILE, PlatformRecords, WorkerRecord
 from flows.runtime.workers.base import WorkerType, worker_type_class, worker_type_for
 
 ProgressHandler = Callable[[str, float], None]
-DATA_FILE = "data_dir"
 DOWNLOAD_LIMIT_BYTES = 2 * 1024**3
 
 
@@ -111,15 +108,6 @@ def _component_root(folder: Path) -> Path:
     raise InstallError(f"no {MANIFEST} in the component's top folder")
 
 
-def _zip_folder(folder: Path) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                archive.write(path, path.relative_to(folder).as_posix())
-    return buffer.getvalue()
-
-
 class ComponentInstaller:
     """Installs and removes components against one platform database on this host."""
 
@@ -195,7 +183,8 @@ class ComponentInstaller:
             folder = (context.folder / data_dir).resolve()
             if not folder.is_dir() or not folder.is_relative_to(context.folder.resolve()):
                 raise InstallError(f"worker '{context.name}': data_dir '{data_dir}' is not a folder in the worker")
-            files[DATA_FILE] = self._upload(_zip_folder(folder), f"{context.name}-data.zip", context)
+            archive = zip_directory_to_bytesio(folder).getvalue()
+            files[WORKER_DATA_FILE] = self._upload(archive, f"{context.name}-data.zip", context)
         return files
 
     def _upload(self, content: bytes, filename: str, context: InstallContext) -> Any:

@@ -23,6 +23,7 @@ from flows.runtime.process import LineHandler, StopCheck
 from flows.runtime.records import (
     POST_SERVICES_JOB,
     PRE_SERVICES_JOB,
+    WORKER_DATA_FILE,
     JobRecord,
     PlatformRecords,
     ServiceRecord,
@@ -31,8 +32,6 @@ from flows.runtime.records import (
 from flows.runtime.workers import JobFolders, WorkerType, worker_type_for
 
 SERVICE_MODULE = "service_module"
-DATA_FILE = "data_dir"
-"""The `worker_files` key of the worker's zipped data folder, as the platform's installer names it."""
 SESSION_HOOKS = {PRE_SERVICES_JOB: "run_pre_services", POST_SERVICES_JOB: "run_post_services"}
 
 
@@ -103,8 +102,9 @@ class JobRun:
         if service is not None:
             module = self.records.component_file(service.module_file_id, f"module of service '{service.name}'")
             extract_archive(module, folders.module_parent / SERVICE_MODULE)
-        if worker is not None and DATA_FILE in worker.worker_files:
-            data = self.records.component_file(worker.worker_files[DATA_FILE], f"data of worker '{worker.name}'")
+        if worker is not None and WORKER_DATA_FILE in worker.worker_files:
+            data_file = worker.worker_files[WORKER_DATA_FILE]
+            data = self.records.component_file(data_file, f"data of worker '{worker.name}'")
             extract_archive(data, folders.data)
         self.environment = child_environment(
             service_variables(job, self.records.database), self.worker_type.extra_environment()

@@ -32,6 +32,8 @@ SERVICE_JOB = "dcm_processor_worker.controller"
 PRE_SERVICES_JOB = "dcm_processor_worker.pre_services"
 POST_SERVICES_JOB = "dcm_processor_worker.post_services"
 JOB_FUNCTIONS = (SERVICE_JOB, PRE_SERVICES_JOB, POST_SERVICES_JOB)
+WORKER_DATA_FILE = "data_dir"
+"""The `worker_files` key of a worker's zipped data folder, as the platform's installer names it."""
 PLATFORM_CONSUMER = "default-customer-id"
 """The `consumer_id` DBManager.create_job gives every job; mongo-qas workers claim only jobs that have it."""
 
