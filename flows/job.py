@@ -60,7 +60,8 @@ def pre_service(run: JobRun) -> None:
 
 
 def _cancellation_check(client: SyncPrefectClient, flow_run_id: str) -> Any:
-    """True once the flow run is Cancelling: the worker's own cancellation is not relied upon alone."""
+    """True once the flow run is Cancelling. Prefect's runner normally delivers a cancellation as
+    SIGTERM first; this check also honours it when the runner's event stream is unavailable."""
 
     def cancelling() -> bool:
         state = client.read_flow_run(flow_run_id).state
@@ -144,7 +145,10 @@ def job_flow(job_id: str, database_block: str = "default") -> Any:
         outcome = post_service(run, error=error)
         return Failed(message=f"{run.label}: {outcome.message}")
     except BaseException as interruption:
-        run.finish(error=CallbackFailed(f"the flow run was interrupted ({type(interruption).__name__})"))
+        run.finish(error=RunCancelled(
+            f"the flow run was cancelled or terminated ({type(interruption).__name__}); "
+            "the callback's process tree was killed"
+        ))
         raise
     post_service(run, result=result)
     return result
