@@ -19,6 +19,8 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.objects import FlowRun, Log
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
 
 from blocks.database import DcmDatabase
 from flows.runtime.wheelhouse import build_wheelhouse
@@ -37,6 +39,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackState]:
         state = local.start()
         with local.connected(state):
             yield state
+            # Flush Prefect's log and event queues while its client still points at the stack; at
+            # interpreter exit it would otherwise start a temporary server of its own to flush them.
+            APILogWorker.drain_all()
+            EventsWorker.drain_all()
     finally:
         local.stop()
 

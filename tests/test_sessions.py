@@ -26,7 +26,7 @@ from pydantic import SecretStr
 from blocks.database import DcmDatabase
 from flows.demo import schedule_stable_patient, upload_example_patient
 from flows.runtime.components import Component, register_service
-from flows.runtime.records import PRE_SERVICES_JOB, SERVICE_JOB, PlatformRecords
+from flows.runtime.records import PRE_SERVICES_JOB, SERVICE_JOB, JobRecord, PlatformRecords
 from flows.stack import PROCESS_POOL, StackState
 from flows.submit import submit_job, submit_session
 from tests.conftest import eventually, finished, read_logs
@@ -104,7 +104,8 @@ def job_runs_of(session_run_id) -> list[FlowRun]:
         ))
 
 
-def records_by_name(records: PlatformRecords, session_id: str) -> dict[str, object]:
+def records_by_name(records: PlatformRecords, session_id: str) -> dict[str, JobRecord]:
+    """The session's jobs by job name (pre- and post-services by their label)."""
     return {job.job_name or job.label: job for job in records.session_jobs(session_id)}
 
 
@@ -149,7 +150,7 @@ def test_failed_job_skips_its_dependents_runs_the_clean_up_and_a_retry_runs_only
     session_run = finished(session_run_id, timeout=300)
 
     assert session_run.state.is_failed()
-    jobs = {job.job_name or job.label: job for job in records.session_jobs(session_id)}
+    jobs = records_by_name(records, session_id)
     assert "first" in session_run.state.message and jobs["first"].id in session_run.state.message
     assert jobs["first"].failed and "told to fail" in jobs["first"].error_message
     assert jobs["second"].failed and not jobs["second"].done
@@ -167,7 +168,7 @@ def test_failed_job_skips_its_dependents_runs_the_clean_up_and_a_retry_runs_only
     final = finished(session_run_id, timeout=300)
 
     assert final.state.is_completed(), final.state.message
-    after = {job.job_name or job.label: job for job in records.session_jobs(session_id)}
+    after = records_by_name(records, session_id)
     assert after["first"].done and after["second"].done
     assert after["count"].result == jobs["count"].result, "jobs that had succeeded did not run again"
 
@@ -261,7 +262,7 @@ def test_retrying_a_failed_job_run_re_executes_the_job_and_updates_its_record(
     fail_marker.touch()
     upload_example_patient(database, patient_id="RETRY-1", series=1, instances=1)
     session_id = schedule_stable_patient(database, records)
-    jobs = {job.job_name or job.label: job for job in records.session_jobs(session_id)}
+    jobs = records_by_name(records, session_id)
     for name in ("pre-services", "count", "study"):
         assert finished(submit_job(jobs[name].id, block)).state.is_completed()
     run_id = submit_job(jobs["first"].id, block)
