@@ -21,7 +21,10 @@ fi
 echo "docker engine $(docker info --format '{{.ServerVersion}}') is running"
 
 if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
-  command -v debootstrap >/dev/null 2>&1 || apt-get install -y -qq debootstrap >/dev/null
+  if ! command -v debootstrap >/dev/null 2>&1; then
+    apt-get update -qq
+    apt-get install -y -qq debootstrap >/dev/null
+  fi
   rm -rf "$ROOTFS"
   # libmagic1: python-magic (used by dcm_processor_db_provider) loads it at import time.
   debootstrap --variant=minbase --include=python3,python3-venv,libmagic1 bookworm "$ROOTFS" \
