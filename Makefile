@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint stack-start stack-stop clean
+.PHONY: install demo test lint screenshots stack-start stack-stop clean
 
 install: $(BIN)/dcm-flows
 
@@ -17,10 +17,15 @@ demo: install
 	$(BIN)/dcm-flows demo
 
 lint: install
-	$(BIN)/ruff check flows blocks tests
+	$(BIN)/ruff check flows blocks tests examples docs
 
 test: lint
 	$(BIN)/pytest -q -ra
+
+# Pictures of the demo's Prefect UI for the docs (headless Chromium; installs Debian's chromium as root).
+screenshots: install
+	command -v chromium >/dev/null || apt-get install -y chromium
+	$(BIN)/python docs/screenshots.py
 
 stack-start: install
 	$(BIN)/dcm-flows stack start

@@ -1,4 +1,4 @@
-"""The `dcm-flows` command: the local stack, submitting jobs, and the demo."""
+"""The `dcm-flows` command: the local stack, submitting jobs and installs, the demo, and trying components."""
 
 from __future__ import annotations
 
@@ -94,27 +94,48 @@ def bridge(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _follow(flow_run_id: UUID, title: str) -> int:
+    """Show the run's progress until it ends, then its state and its page in the UI."""
+    from prefect.settings import PREFECT_UI_URL
+
+    from flows.progress import follow_run, run_link
+
+    flow_run = follow_run(flow_run_id, title)
+    assert flow_run.state is not None
+    print(f"{flow_run.state.name}: {flow_run.state.message or ''}")
+    if PREFECT_UI_URL.value():
+        print(f"see {run_link(PREFECT_UI_URL.value(), flow_run_id)}")
+    return 0 if flow_run.state.is_completed() else 1
+
+
 def install(arguments: argparse.Namespace) -> int:
-    from flows.install import install_component_flow
+    from flows.submit import submit_install
 
     source = str(Path(arguments.source).resolve()) if Path(arguments.source).exists() else arguments.source
     with _connected(arguments):
-        print(install_component_flow(source, force=arguments.force, database_block=arguments.database_block))
-    return 0
+        flow_run_id = submit_install(source, arguments.force, arguments.database_block, arguments.work_queue)
+        return _follow(flow_run_id, f"install {Path(source).name}")
 
 
 def remove(arguments: argparse.Namespace) -> int:
-    from flows.install import remove_component_flow
+    from flows.submit import submit_removal
 
     with _connected(arguments):
-        print(remove_component_flow(arguments.name, database_block=arguments.database_block))
-    return 0
+        return _follow(submit_removal(arguments.name, arguments.database_block, arguments.work_queue),
+                       f"remove {arguments.name}")
 
 
 def demo(arguments: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
     outcomes = run_demo(_stack(arguments))
+    return 0 if all(state == "Completed" for _, state, _ in outcomes) else 1
+
+
+def try_command(arguments: argparse.Namespace) -> int:
+    from flows.demo import try_components
+
+    outcomes = try_components(_stack(arguments), [Path(component) for component in arguments.components])
     return 0 if all(state == "Completed" for _, state, _ in outcomes) else 1
 
 
@@ -157,15 +178,22 @@ def parser() -> argparse.ArgumentParser:
     install_parser.add_argument("source")
     install_parser.add_argument("--force", action="store_true", help="replace an installed one of the same name")
     install_parser.add_argument("--database-block", default="default")
+    install_parser.add_argument("--work-queue", default=None, help="queue of the host to install on (its device id)")
     install_parser.set_defaults(handler=install)
     remove_parser = commands.add_parser("remove", help="remove a component's service and worker")
     remove_parser.add_argument("name")
     remove_parser.add_argument("--database-block", default="default")
+    remove_parser.add_argument("--work-queue", default=None, help="queue of the host the component is on")
     remove_parser.set_defaults(handler=remove)
 
-    commands.add_parser("demo", help="run the example job end to end on the local stack").set_defaults(
+    commands.add_parser("demo", help="run the example components end to end on the local stack").set_defaults(
         handler=demo
     )
+    try_parser = commands.add_parser(
+        "try", help="install components (replacing installed versions) and run a session of an MR series through them"
+    )
+    try_parser.add_argument("components", nargs="+", help="component folders (with dcm-processor.json)")
+    try_parser.set_defaults(handler=try_command)
     return root
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from uuid import UUID
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.exceptions import ObjectNotFound
@@ -70,6 +71,21 @@ def _record_failure(
         logger.warning("job %s (%s) %s", skipped, plan.jobs[skipped].label, plan.reasons[skipped])
 
 
+class SessionProgress:
+    """A progress artifact of the session run (the share of its jobs that ended), updated on change."""
+
+    def __init__(self, plan: SessionPlan) -> None:
+        self.plan = plan
+        self.shown = plan.percent_finished()
+        self.artifact_id = create_progress_artifact(self.shown, description="jobs of the session that ended")
+
+    def update(self) -> None:
+        percent = self.plan.percent_finished()
+        if percent != self.shown:
+            update_progress_artifact(self.artifact_id, percent)
+            self.shown = percent
+
+
 @flow(name="dcm-session", persist_result=False, log_prints=False)
 def session_flow(
     session_id: str,
@@ -92,6 +108,7 @@ def session_flow(
     already_done = sum(1 for job in plan.jobs.values() if job.done)
     logger.info("session %s: %d jobs, %d already done", session_id, len(plan.jobs), already_done)
     in_flight: dict[UUID, str] = {}
+    progress = SessionProgress(plan)
     with get_client(sync_client=True) as client:
         router = QueueRouter(client, records)
         while True:
@@ -103,6 +120,7 @@ def session_flow(
                     continue
                 plan.started(job_id)
                 in_flight[flow_run_id] = job_id
+            progress.update()
             if not in_flight:
                 break
             time.sleep(POLL_SECONDS)

@@ -173,7 +173,7 @@ class LocalStack:
         self._save(state)
         state.processes["prefect-server"] = self._spawn("prefect-server", [
             _executable("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(api_port),
-        ], self._prefect_environment())
+        ], {**self._prefect_environment(), "PREFECT_UI_API_URL": state.api_url})
         self._save(state)
         _wait("SecantusDB", lambda: _port_open(database_port), self.logs / "database.log")
         _wait("Prefect server", lambda: _http_ok(f"{state.api_url}/health"), self.logs / "prefect-server.log")

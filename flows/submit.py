@@ -19,6 +19,8 @@ from flows.runtime.workers import WorkerType, worker_type_for
 
 JOB_FLOW_NAME = "dcm-job"
 SESSION_DEPLOYMENT = "dcm-session/process"
+INSTALL_DEPLOYMENT = "dcm-install-component/process"
+REMOVE_DEPLOYMENT = "dcm-remove-component/process"
 DEFAULT_DATABASE_BLOCK = "default"
 
 
@@ -72,6 +74,38 @@ def submit_session(
         flow_run_name=f"session {session_id}",
         tags=["dcm-session", f"session:{session_id}"],
         idempotency_key=idempotency_key,
+        timeout=0,
+        as_subflow=False,
+    )
+    return flow_run.id
+
+
+def submit_install(
+    source: str, force: bool = False, database_block: str = DEFAULT_DATABASE_BLOCK, work_queue_name: str | None = None
+) -> UUID:
+    """Start a `dcm-install-component` run for a component folder, archive or URL; return its id.
+
+    A folder or archive path must be readable by the worker that picks the run up; `work_queue_name`
+    sends the run to the queue of the host that is to hold the environment.
+    """
+    flow_run = run_deployment(
+        name=INSTALL_DEPLOYMENT,
+        parameters={"source": source, "force": force, "database_block": database_block},
+        flow_run_name=f"install {source.rstrip('/').rsplit('/', 1)[-1]}",
+        work_queue_name=work_queue_name,
+        timeout=0,
+        as_subflow=False,
+    )
+    return flow_run.id
+
+
+def submit_removal(name: str, database_block: str = DEFAULT_DATABASE_BLOCK, work_queue_name: str | None = None) -> UUID:
+    """Start a `dcm-remove-component` run for the component `name`; return its id."""
+    flow_run = run_deployment(
+        name=REMOVE_DEPLOYMENT,
+        parameters={"name": name, "database_block": database_block},
+        flow_run_name=f"remove {name}",
+        work_queue_name=work_queue_name,
         timeout=0,
         as_subflow=False,
     )

@@ -151,3 +151,8 @@ class SessionPlan:
     @property
     def finished(self) -> bool:
         return not self.running() and not self.ready()
+
+    def percent_finished(self) -> float:
+        """How much of the session has ended (succeeded, failed or skipped), for progress displays."""
+        ended = sum(1 for state in self.states.values() if state.finished)
+        return 100.0 * ended / len(self.states)

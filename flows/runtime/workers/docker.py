@@ -69,7 +69,10 @@ class DockerWorker(WorkerType):
         )
 
     def extra_environment(self) -> dict[str, str]:
-        return {"PYTHONPATH": str(self._mount("module_dir_mount", "/module"))}
+        """The module folder first on PYTHONPATH, keeping what the image's own PYTHONPATH names."""
+        image_path = os.environ.get("PYTHONPATH")
+        module = str(self._mount("module_dir_mount", "/module"))
+        return {"PYTHONPATH": os.pathsep.join([module, image_path]) if image_path else module}
 
     @classmethod
     def install(cls, context: InstallContext) -> dict[str, Any]:
