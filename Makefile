@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint screenshots stack-start stack-stop clean
+.PHONY: install demo test lint screenshots load stack-start stack-stop clean
 
 install: $(BIN)/dcm-flows
 
@@ -17,7 +17,7 @@ demo: install
 	$(BIN)/dcm-flows demo
 
 lint: install
-	$(BIN)/ruff check flows blocks tests examples docs
+	$(BIN)/ruff check flows blocks tests examples docs bench
 
 test: lint
 	$(BIN)/pytest -q -ra
@@ -26,6 +26,10 @@ test: lint
 screenshots: install
 	command -v chromium >/dev/null || apt-get install -y chromium
 	$(BIN)/python docs/screenshots.py
+
+# 5 patients of 50 series, all sessions at once on the embedded stack; figures into docs/benchmarks.md.
+load: install
+	$(BIN)/python -m bench.load
 
 stack-start: install
 	$(BIN)/dcm-flows stack start

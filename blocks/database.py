@@ -8,6 +8,7 @@ flow-run parameter, log line or artifact.
 from __future__ import annotations
 
 import os
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from dcm_processor_db_provider import DBManager
 from prefect.blocks.core import Block
@@ -16,6 +17,17 @@ from pydantic import Field, SecretStr
 ENVIRONMENT_PROVIDER = "DCM_DB_PROVIDER"
 ENVIRONMENT_URL = "DCM_DB_URL"
 ENVIRONMENT_NAME = "DCM_DB_NAME"
+
+
+def with_server_wait(url: str, seconds: float) -> str:
+    """The MongoDB URL with `serverSelectionTimeoutMS`, unless it sets one: the driver's default of 30 s
+    per operation would stretch every retry of an outage."""
+    parts = urlsplit(url)
+    options = parse_qsl(parts.query, keep_blank_values=True)
+    if any(key.lower() == "serverselectiontimeoutms" for key, _ in options):
+        return url
+    options.append(("serverSelectionTimeoutMS", str(int(seconds * 1000))))
+    return urlunsplit(parts._replace(query=urlencode(options)))
 
 
 class DatabaseNotConfigured(RuntimeError):
@@ -43,12 +55,21 @@ class DcmDatabase(Block):
         default="dcm-processor",
         description="Name of the database that holds the platform's collections and GridFS buckets.",
     )
+    server_wait_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description=(
+            "How long one database operation waits for a reachable server before it counts as an outage "
+            "(a MongoDB URL's own serverSelectionTimeoutMS wins). The job's tasks then retry with backoff."
+        ),
+    )
 
     def open(self) -> DBManager:
         """A DBManager on this database; connections are opened lazily by the driver."""
-        return DBManager(
-            dburl=self.url.get_secret_value(), dbname=self.database_name, dbprovider=self.provider
-        )
+        url = self.url.get_secret_value()
+        if self.provider == "mongodb":
+            url = with_server_wait(url, self.server_wait_seconds)
+        return DBManager(dburl=url, dbname=self.database_name, dbprovider=self.provider)
 
     @classmethod
     def from_environment(cls) -> DcmDatabase:

@@ -125,6 +125,15 @@ def remove(arguments: argparse.Namespace) -> int:
                        f"remove {arguments.name}")
 
 
+def automations(arguments: argparse.Namespace) -> int:
+    from flows.crash import ensure_crash_automations
+
+    with _connected(arguments):
+        for name in ensure_crash_automations():
+            print(f"automation ready: {name}")
+    return 0
+
+
 def demo(arguments: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
@@ -186,6 +195,9 @@ def parser() -> argparse.ArgumentParser:
     remove_parser.add_argument("--work-queue", default=None, help="queue of the host the component is on")
     remove_parser.set_defaults(handler=remove)
 
+    commands.add_parser(
+        "automations", help="create the crash-detection automations on the Prefect server (after `prefect deploy`)"
+    ).set_defaults(handler=automations)
     commands.add_parser("demo", help="run the example components end to end on the local stack").set_defaults(
         handler=demo
     )

@@ -14,10 +14,10 @@ from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.states import Cancelled, Failed
+from prefect.states import Cancelled, Crashed, Failed
 
 from blocks.database import DcmDatabase
-from flows.runtime.errors import CallbackFailed, DatabaseUnavailable, RunCancelled
+from flows.runtime.errors import AlreadyClaimed, CallbackFailed, DatabaseUnavailable, RunCancelled
 from flows.runtime.job_run import JobRun, Outcome
 from flows.runtime.records import PlatformRecords
 
@@ -136,11 +136,28 @@ def job_flow(job_id: str, database_block: str = "default") -> Any:
     logger = get_run_logger()
     run = JobRun(PlatformRecords(database.open()), job_id, str(runtime.flow_run.id), _line_logger(logger))
     try:
+        return _run_job(run)
+    except DatabaseUnavailable as outage:
+        run.remove_workspace()
+        logger.error("%s: %s; its outcome is recorded once the database answers again", run.label, outage)
+        return Crashed(message=f"{run.label}: the outcome could not be recorded: {outage}")
+
+
+def _run_job(run: JobRun) -> Any:
+    """The three steps, and the state each way out of them ends in. A database outage that outlasts
+    the tasks' retries is left to the caller: the run then ends Crashed, which dcm-record-crash records."""
+    try:
         pre_service(run)
         result = _run_callback(run)
+    except AlreadyClaimed as duplicate:
+        run.remove_workspace()
+        get_run_logger().warning("%s: %s", run.label, duplicate)
+        return Cancelled(name=AlreadyClaimed.state_name, message=f"{run.label}: {duplicate}")
     except RunCancelled as cancellation:
         post_service(run, error=cancellation)
         return Cancelled(message=f"{run.label}: {cancellation}")
+    except DatabaseUnavailable:
+        raise
     except Exception as error:
         outcome = post_service(run, error=error)
         return Failed(message=f"{run.label}: {outcome.message}")

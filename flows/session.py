@@ -13,15 +13,15 @@ import time
 from typing import Any
 from uuid import UUID
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.exceptions import ObjectNotFound
-from prefect.states import Failed
+from prefect.states import Cancelled, Failed, State
 
 from blocks.database import DcmDatabase
-from flows.runtime.errors import JobError
+from flows.runtime.errors import AlreadyClaimed, JobError
 from flows.runtime.records import JobRecord, PlatformRecords
 from flows.runtime.session_plan import SessionPlan
 from flows.submit import DEFAULT_DATABASE_BLOCK, job_worker_type, submit_job
@@ -55,6 +55,20 @@ class QueueRouter:
 def _final_runs(client: SyncPrefectClient, flow_run_ids: list[UUID]) -> list[Any]:
     runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=flow_run_ids)))
     return [run for run in runs if run.state is not None and run.state.is_final()]
+
+
+def _run_has_ended(client: SyncPrefectClient, flow_run_id: str) -> bool:
+    """Whether the run holding a session is over (or unknown to this Prefect server)."""
+    try:
+        state = client.read_flow_run(UUID(flow_run_id)).state
+    except (ObjectNotFound, ValueError):
+        return True
+    return state is None or state.is_final()
+
+
+def _state_summary(state: State) -> str:
+    """A final state as one line: its name, and its message when it has one."""
+    return f"{state.name}: {state.message}" if state.message else state.name
 
 
 def _record_failure(
@@ -104,6 +118,12 @@ def session_flow(
     """
     logger = get_run_logger()
     records = PlatformRecords(DcmDatabase.resolve(database_block).open())
+    try:
+        with get_client(sync_client=True) as client:
+            records.claim_session(session_id, str(runtime.flow_run.id), lambda holder: _run_has_ended(client, holder))
+    except AlreadyClaimed as duplicate:
+        logger.warning("%s; this run does nothing", duplicate)
+        return Cancelled(name=AlreadyClaimed.state_name, message=str(duplicate))
     plan = SessionPlan.of(records.session_jobs(session_id), keep_failed_session_data)
     already_done = sum(1 for job in plan.jobs.values() if job.done)
     logger.info("session %s: %d jobs, %d already done", session_id, len(plan.jobs), already_done)
@@ -129,7 +149,7 @@ def session_flow(
                 if flow_run.state.is_completed():
                     plan.succeeded(job_id)
                     continue
-                _record_failure(plan, records, job_id, flow_run.state.message or flow_run.state.name, flow_run.id)
+                _record_failure(plan, records, job_id, _state_summary(flow_run.state), flow_run.id)
     for job_id in plan.withheld_clean_up():
         logger.warning("post-services job %s not run: the failed session's data is kept for debugging", job_id)
     failed = plan.failed()

@@ -29,6 +29,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from pydantic import SecretStr
 
 from blocks.database import ENVIRONMENT_NAME, ENVIRONMENT_PROVIDER, ENVIRONMENT_URL, DcmDatabase
+from flows.crash import ensure_crash_automations
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_HOME = Path(os.environ.get("DCM_FLOWS_HOME", PROJECT_DIR / ".dcm-flows"))
@@ -156,6 +157,7 @@ class LocalStack:
         if self.is_running():
             state = self.state()
             assert state is not None
+            self.start_workers(state)
             return state
         self.stop()
         self.home.mkdir(parents=True, exist_ok=True)
@@ -165,29 +167,68 @@ class LocalStack:
             api_url=f"http://127.0.0.1:{api_port}/api",
             ui_url=f"http://127.0.0.1:{api_port}",
         )
-        (self.home / "database").mkdir(exist_ok=True)
+        self._spawn_database(state)
+        self._spawn_server(state)
+        self._wait_for_database(state)
+        self._wait_for_server(state)
+        self.configure(state)
+        self.start_workers(state)
+        return state
+
+    def _database_port(self, state: StackState) -> int:
+        return int(state.database_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+
+    def _spawn_database(self, state: StackState) -> None:
+        (self.home / "database").mkdir(parents=True, exist_ok=True)
         state.processes["database"] = self._spawn("database", [
-            _executable("secantusd-py"), "--host", "127.0.0.1", "--port", str(database_port),
+            _executable("secantusd-py"), "--host", "127.0.0.1", "--port", str(self._database_port(state)),
             "--storage-path", str(self.home / "database"),
         ], {})
         self._save(state)
+
+    def _wait_for_database(self, state: StackState) -> None:
+        _wait("SecantusDB", lambda: _port_open(self._database_port(state)), self.logs / "database.log")
+
+    def stop_database(self, state: StackState) -> None:
+        """Stop the platform database (its data stays), as an outage or a maintenance window would."""
+        _terminate(state.processes["database"])
+        _wait("SecantusDB to stop", lambda: not _port_open(self._database_port(state)), self.logs / "database.log")
+
+    def start_database(self, state: StackState) -> None:
+        """Start the platform database again, on the same port and data."""
+        self._spawn_database(state)
+        self._wait_for_database(state)
+
+    def _spawn_server(self, state: StackState) -> None:
+        port = state.api_url.rsplit(":", 1)[1].split("/", 1)[0]
         state.processes["prefect-server"] = self._spawn("prefect-server", [
-            _executable("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(api_port),
+            _executable("prefect"), "server", "start", "--host", "127.0.0.1", "--port", port,
         ], {**self._prefect_environment(), "PREFECT_UI_API_URL": state.api_url})
         self._save(state)
-        _wait("SecantusDB", lambda: _port_open(database_port), self.logs / "database.log")
+
+    def _wait_for_server(self, state: StackState) -> None:
         _wait("Prefect server", lambda: _http_ok(f"{state.api_url}/health"), self.logs / "prefect-server.log")
-        self.configure(state)
+
+    def restart_server(self, state: StackState) -> None:
+        """Stop the Prefect server and start it again on the same port and database, as an upgrade would."""
+        _terminate(state.processes["prefect-server"])
+        self._spawn_server(state)
+        self._wait_for_server(state)
+
+    def start_workers(self, state: StackState) -> None:
+        """Start the workers that are not running (all of them on a fresh stack), as a service manager
+        would restart a worker that died."""
         worker_environment = {**self._prefect_environment(state.api_url), **state.environment()}
-        state.processes["process-worker"] = self._spawn("process-worker", [
-            _executable("prefect"), "worker", "start", "--pool", PROCESS_POOL, "--type", "process",
-        ], worker_environment)
+        pools = {"process-worker": (PROCESS_POOL, "process")}
         if docker_engine_answers():
-            state.processes["docker-worker"] = self._spawn("docker-worker", [
-                _executable("prefect"), "worker", "start", "--pool", DOCKER_POOL, "--type", "docker",
+            pools["docker-worker"] = (DOCKER_POOL, "docker")
+        for name, (pool, worker_type) in pools.items():
+            if name in state.processes and _alive(state.processes[name]):
+                continue
+            state.processes[name] = self._spawn(name, [
+                _executable("prefect"), "worker", "start", "--pool", pool, "--type", worker_type,
             ], worker_environment)
         self._save(state)
-        return state
 
     def configure(self, state: StackState) -> None:
         """Register the block types, save the database block, create the pool, deploy from prefect.yaml."""
@@ -207,6 +248,7 @@ class LocalStack:
             DcmDatabase(url=SecretStr(state.database_url), database_name=DATABASE_NAME).save(
                 DATABASE_BLOCK, overwrite=True
             )
+            ensure_crash_automations()
 
     @contextmanager
     def connected(self, state: StackState) -> Iterator[None]:
@@ -247,6 +289,15 @@ def _terminate(pid: int) -> None:
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    _reap(pid)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _reap(pid: int) -> None:

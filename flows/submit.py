@@ -14,6 +14,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 
 from blocks.database import DcmDatabase
+from flows.runtime.errors import InvalidRecord, JobNotFound
 from flows.runtime.records import JobRecord, PlatformRecords
 from flows.runtime.workers import WorkerType, worker_type_for
 
@@ -42,18 +43,23 @@ def submit_job(
     routes it to one queue of the pool (the queue of the host that holds the job's environment).
     """
     records = records or PlatformRecords(DcmDatabase.resolve(database_block).open())
-    job = records.job(job_id)
     tags = ["dcm-job"]
-    if job.service_name:
+    job: JobRecord | None
+    try:
+        job = records.job(job_id)
+        worker_type = job_worker_type(job, records)
+    except (InvalidRecord, JobNotFound):
+        # Run it anyway, on the process pool: its pre-service fails and writes why into the record.
+        job, worker_type = None, worker_type_for(None)
+    if job is not None and job.service_name:
         tags.append(f"service:{job.service_name}")
-    if job.session_id:
+    if job is not None and job.session_id:
         tags.append(f"session:{job.session_id}")
-    worker_type = job_worker_type(job, records)
     flow_run = run_deployment(
         name=f"{JOB_FLOW_NAME}/{worker_type.deployment}",
         job_variables=worker_type.job_variables(),
         parameters={"job_id": job_id, "database_block": database_block},
-        flow_run_name=f"{job.label} {job_id}",
+        flow_run_name=f"{job.label if job else 'job'} {job_id}",
         tags=tags,
         work_queue_name=work_queue_name,
         timeout=0,

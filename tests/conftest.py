@@ -33,8 +33,13 @@ SERVICE_PACKAGES = ["dcm-processor-service==0.0.1"]
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackState]:
-    local = LocalStack(tmp_path_factory.mktemp("stack"))
+def local_stack(tmp_path_factory: pytest.TempPathFactory) -> LocalStack:
+    return LocalStack(tmp_path_factory.mktemp("stack"))
+
+
+@pytest.fixture(scope="session")
+def stack(local_stack: LocalStack) -> Iterator[StackState]:
+    local = local_stack
     try:
         state = local.start()
         with local.connected(state):

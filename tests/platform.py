@@ -7,9 +7,11 @@ job scheduler (`handle_stable_object`), so the runtime sees exactly what it sees
 from __future__ import annotations
 
 import io
+import os
 import textwrap
 import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dcm_processor_db_provider import DBManager
@@ -25,6 +27,32 @@ def zip_files(files: dict[str, str]) -> bytes:
         for name, text in files.items():
             archive.writestr(name, textwrap.dedent(text))
     return buffer.getvalue()
+
+
+SLEEPER = """
+import os, time
+def run(session_id, job_name, headers, params, added_params, **kwargs):
+    with open(params["pid_file"], "w") as stream:
+        stream.write(str(os.getpid()))
+    print("first line", flush=True)
+    time.sleep(params.get("sleep", 120))
+    print("second line", flush=True)
+    return "slept"
+"""
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split()[2] != "Z"
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[1])
 
 
 @dataclass
@@ -96,6 +124,17 @@ class Platform:
         if max_attempts != 1:
             self.manager.db.update("jobs", job_id, {"$set": {"max_attempts": max_attempts}})
         return str(job_id)
+
+    def sleeper_job(self, tmp_path: Path, timeout: Any = None, sleep: float = 120,
+                    session_id: str | None = None) -> tuple[str, Path]:
+        """A job whose callback writes its PID to a file, prints a line and sleeps."""
+        pid_file = tmp_path / "callback.pid"
+        job_id = self.service_job(self.service(f"sleeper-{tmp_path.name}", SLEEPER), timeout=timeout,
+                                  session_id=session_id)
+        self.manager.db.update("jobs", job_id, {"$set": {
+            "data.kwargs.params": {"pid_file": str(pid_file), "sleep": sleep}
+        }})
+        return job_id, pid_file
 
     def session_hook_job(self, session_id: str, pre: bool) -> str:
         kwargs = {"session_id": session_id, "headers": self.series_headers(), "added_params": {}, "params": {},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import SecretStr
 
-from blocks.database import DatabaseNotConfigured, DcmDatabase
+from blocks.database import DatabaseNotConfigured, DcmDatabase, with_server_wait
 from flows.stack import StackState
 
 
@@ -35,3 +35,10 @@ def test_without_block_or_environment_the_error_says_what_to_configure(
 
     with pytest.raises(DatabaseNotConfigured, match="DCM_DB_URL"):
         DcmDatabase.resolve("no-such-block")
+
+
+def test_operations_wait_five_seconds_for_a_server_unless_the_url_says_otherwise() -> None:
+    assert with_server_wait("mongodb://u:p%40ss@db:27017/?replicaSet=rs0", 5) == (
+        "mongodb://u:p%40ss@db:27017/?replicaSet=rs0&serverSelectionTimeoutMS=5000"
+    )
+    assert with_server_wait("mongodb://db/?serverSelectionTimeoutMS=900", 5) == "mongodb://db/?serverSelectionTimeoutMS=900"

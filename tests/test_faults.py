@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import stat
 import threading
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
+from prefect.states import Scheduled
 
+from bench.load import own_database, run_load
+from flows.crash import MISSED_HEARTBEATS_SECONDS
+from flows.stack import LocalStack, StackState
 from flows.submit import submit_job, submit_session
-from tests.conftest import finished
-from tests.platform import Platform, zip_files
+from tests.conftest import eventually, finished, read_flow_run
+from tests.platform import Platform, parent_of, process_alive, zip_files
 
 pytestmark = pytest.mark.integration
 
@@ -220,3 +227,139 @@ def test_a_callback_gets_a_private_folder_and_none_of_the_workers_credentials(
     assert not [name for name in seen["variables"] if name.startswith(("PREFECT_", "DCM_DB_"))]
     assert "DCM-PROCESSOR-SERVICE-DB-URL" in seen["variables"]
     assert not Path(seen["job_folder"]).exists(), "the job folder outlived the run"
+
+
+CRASH_DETECTION_SECONDS = 120
+WORKER_MEMORY_BOUND_MB = 400
+
+
+def running_callback(pid_file: Path) -> int:
+    return int(eventually(lambda: pid_file.exists() and pid_file.read_text(), timeout=120))
+
+
+def test_a_killed_flow_run_process_is_crashed_by_its_worker_and_recorded_on_the_job(
+    platform: Platform, tmp_path: Path
+) -> None:
+    job_id, pid_file = platform.sleeper_job(tmp_path)
+    flow_run_id = submit_job(job_id)
+    callback = running_callback(pid_file)
+
+    os.kill(parent_of(callback), signal.SIGKILL)
+
+    eventually(lambda: not process_alive(callback), timeout=15)
+    assert finished(flow_run_id, timeout=60).state.is_crashed()
+    record = eventually(lambda: (job := platform.job(job_id))["error"] and job, timeout=90)
+    assert f"flow run {flow_run_id} crashed" in record["errorMessage"]
+    assert record["inProgress"] is False and record["done"] is False
+
+
+def test_a_job_whose_process_and_worker_are_killed_is_crashed_in_time_and_its_session_skips_dependents(
+    platform: Platform, tmp_path: Path, stack: StackState, local_stack: LocalStack
+) -> None:
+    session_id = platform.session()
+    job_id, pid_file = platform.sleeper_job(tmp_path, session_id=session_id)
+    dependent_service = platform.service(f"dependent-{tmp_path.name}", "def run(**kwargs):\n    return 1\n")
+    dependent = platform.service_job(dependent_service, session_id=session_id, depends_on=[job_id])
+    session_run_id = submit_session(session_id)
+    callback = running_callback(pid_file)
+    job_run_id = platform.job(job_id)["flowRunId"]
+    worker = stack.processes["process-worker"]
+
+    os.kill(worker, signal.SIGKILL)
+    os.kill(parent_of(callback), signal.SIGKILL)
+    killed = time.monotonic()
+    eventually(lambda: not process_alive(callback), timeout=15)
+    local_stack.start_workers(stack)  # as a service manager restarts a worker that died
+
+    crashed = eventually(lambda: (run := read_flow_run(job_run_id)).state.is_crashed() and run,
+                         timeout=CRASH_DETECTION_SECONDS + 30, interval=1)
+    assert time.monotonic() - killed < CRASH_DETECTION_SECONDS
+    assert f"no heartbeat for {MISSED_HEARTBEATS_SECONDS} s" in crashed.state.message
+    session_run = finished(session_run_id, timeout=120)
+    assert session_run.state.is_failed()
+    record = platform.job(job_id)
+    assert record["error"] is True and record["inProgress"] is False and "crashed" in record["errorMessage"].lower()
+    assert "skipped: dependency" in platform.job(dependent)["errorMessage"]
+
+
+def test_a_database_outage_while_a_job_starts_and_while_it_finishes_is_ridden_out(
+    platform: Platform, tmp_path: Path, stack: StackState, local_stack: LocalStack
+) -> None:
+    job_id, pid_file = platform.sleeper_job(tmp_path, sleep=6)
+    flow_run_id = submit_job(job_id)
+    local_stack.stop_database(stack)  # the run starts while the database is away ...
+    time.sleep(8)
+    local_stack.start_database(stack)
+    callback = running_callback(pid_file)
+    local_stack.stop_database(stack)  # ... and finishes while it is away again
+    eventually(lambda: not process_alive(callback), timeout=30)
+    time.sleep(4)
+    local_stack.start_database(stack)
+
+    run = finished(flow_run_id, timeout=180)
+
+    assert run.state.is_completed(), run.state.message
+    record = platform.job(job_id)
+    assert record["done"] is True and record["inProgress"] is False and record["result"] == "slept"
+    assert record.get("attempts", 0) == 0
+
+
+def test_a_database_outage_that_outlasts_the_retries_crashes_the_run_and_the_record_is_fixed_when_it_returns(
+    platform: Platform, tmp_path: Path, stack: StackState, local_stack: LocalStack
+) -> None:
+    job_id, pid_file = platform.sleeper_job(tmp_path, sleep=3)
+    flow_run_id = submit_job(job_id)
+    running_callback(pid_file)
+    local_stack.stop_database(stack)
+    try:
+        run = finished(flow_run_id, timeout=240)
+    finally:
+        local_stack.start_database(stack)
+
+    assert run.state.is_crashed()
+    assert "could not be recorded: platform database unavailable" in run.state.message
+    record = eventually(lambda: (job := platform.job(job_id))["error"] and job, timeout=150, interval=1)
+    assert record["done"] is False and record["inProgress"] is False
+    assert f"flow run {flow_run_id} crashed" in record["errorMessage"]
+
+
+def test_a_prefect_server_restart_in_the_middle_of_a_session_loses_no_job_and_runs_none_twice(
+    platform: Platform, tmp_path: Path, stack: StackState, local_stack: LocalStack
+) -> None:
+    session_id = platform.session()
+    jobs: list[str] = []
+    for name in ("first", "second", "third"):
+        (tmp_path / name).mkdir()
+        jobs.append(counting_job(platform, tmp_path / name, sleep=4, session_id=session_id))
+        if len(jobs) > 1:
+            platform.manager.db.update("jobs", jobs[-1], {"$set": {"depends_on": [jobs[-2]]}})
+    session_run_id = submit_session(session_id)
+    eventually(lambda: calls(tmp_path / "second"), timeout=120)
+
+    local_stack.restart_server(stack)
+
+    session_run = finished(session_run_id, timeout=300)
+    if not session_run.state.is_completed():  # what an operator does: retry the session's run
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(session_run_id, Scheduled(), force=True)
+        session_run = finished(session_run_id, timeout=300)
+    assert session_run.state.is_completed(), session_run.state.message
+    assert [len(calls(tmp_path / name)) for name in ("first", "second", "third")] == [1, 1, 1]
+    assert all(platform.job(job_id)["done"] for job_id in jobs)
+
+
+def test_concurrent_sessions_finish_every_job_exactly_once_with_bounded_worker_memory(
+    stack: StackState, database, tmp_path: Path
+) -> None:
+    name = f"load-{tmp_path.name[-12:]}"
+    own = own_database(database, name)
+    try:
+        report = run_load(own, name, stack.processes["process-worker"], sessions=3, series=6, folder=tmp_path,
+                          timeout_seconds=600)
+    finally:
+        own.open().db.get_db().client.drop_database(name)
+
+    assert report.sessions_completed == 3
+    assert report.jobs == 3 * (6 + 2)
+    assert (report.jobs_not_done, report.callbacks_run_twice, report.callbacks_missing) == (0, 0, 0)
+    assert report.worker_peak_rss_mb < WORKER_MEMORY_BOUND_MB

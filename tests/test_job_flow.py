@@ -25,7 +25,7 @@ from flows.runtime.environment import SERVICE_PREFIX
 from flows.stack import StackState
 from flows.submit import submit_job
 from tests.conftest import eventually, finished, read_flow_run, read_logs
-from tests.platform import PATIENT_NAME, Platform, zip_files
+from tests.platform import PATIENT_NAME, Platform, process_alive, zip_files
 
 pytestmark = pytest.mark.integration
 
@@ -93,7 +93,7 @@ def test_venv_worker_job_runs_with_the_worker_python_and_sees_every_service_vari
     variables = result["variables"]
     assert variables[SERVICE_PREFIX + "JOB-ID"] == job_id
     assert variables[SERVICE_PREFIX + "SESSION-ID"] == str(record["sessionId"])
-    assert variables[SERVICE_PREFIX + "DB-URL"] == database.url.get_secret_value()
+    assert variables[SERVICE_PREFIX + "DB-URL"] == database.open().dburl
     assert variables[SERVICE_PREFIX + "JOB-EVENT"] == "stable-series"
     assert variables[SERVICE_PREFIX + "JOB-SERVICE-NAME"] == "report-venv"
     assert variables[SERVICE_PREFIX + "PEER-ID"] == "test-peer"
@@ -197,38 +197,8 @@ def test_failing_callback_leaves_run_failed_and_record_saying_why(
     assert record["attempts"] == 1 and record["lastErrorAt"] is not None
 
 
-SLEEPER = """
-import os, time
-def run(session_id, job_name, headers, params, added_params, **kwargs):
-    with open(params["pid_file"], "w") as stream:
-        stream.write(str(os.getpid()))
-    print("first line", flush=True)
-    time.sleep(params.get("sleep", 120))
-    print("second line", flush=True)
-    return "slept"
-"""
-
-
-def sleeper_job(platform: Platform, tmp_path: Path, timeout=None, sleep: float = 120) -> tuple[str, Path]:
-    pid_file = tmp_path / "callback.pid"
-    job_id = platform.service_job(platform.service(f"sleeper-{tmp_path.name}", SLEEPER), timeout=timeout)
-    platform.manager.db.update("jobs", job_id, {"$set": {
-        "data.kwargs.params": {"pid_file": str(pid_file), "sleep": sleep}
-    }})
-    return job_id, pid_file
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().split()[2] != "Z"
-
-
 def test_callback_running_past_its_timeout_is_killed_and_recorded(platform: Platform, tmp_path: Path) -> None:
-    job_id, pid_file = sleeper_job(platform, tmp_path, timeout="3s")
+    job_id, pid_file = platform.sleeper_job(tmp_path, timeout="3s")
 
     _, flow_run = run_job(job_id)
 
@@ -240,7 +210,7 @@ def test_callback_running_past_its_timeout_is_killed_and_recorded(platform: Plat
 def test_cancelling_the_run_kills_the_callback_and_records_the_cancellation(
     platform: Platform, tmp_path: Path
 ) -> None:
-    job_id, pid_file = sleeper_job(platform, tmp_path)
+    job_id, pid_file = platform.sleeper_job(tmp_path)
     flow_run_id = submit_job(job_id)
     eventually(pid_file.exists, timeout=120)
     pid = int(pid_file.read_text())
@@ -256,7 +226,7 @@ def test_cancelling_the_run_kills_the_callback_and_records_the_cancellation(
 
 
 def test_callback_output_reaches_the_prefect_logs_while_it_runs(platform: Platform, tmp_path: Path) -> None:
-    job_id, _ = sleeper_job(platform, tmp_path, sleep=12)
+    job_id, _ = platform.sleeper_job(tmp_path, sleep=12)
     flow_run_id = submit_job(job_id)
 
     eventually(lambda: any(log.message == "first line" for log in read_logs(flow_run_id)), timeout=120)

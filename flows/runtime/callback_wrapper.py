@@ -8,10 +8,22 @@ compatible with every Python a worker may use, so it avoids newer syntax.
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
+import time
 import traceback
 
 FOLDER = os.path.dirname(os.path.abspath(__file__))
+PARENT_CHECK_SECONDS = 0.5
+
+
+def end_with_parent(parent):
+    """Kill this process group (the callback and whatever it started) once the flow run's process that
+    started it is gone: a crashed or killed run must not leave its callback running."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_SECONDS)
+    os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def decoder(provider):
@@ -49,6 +61,7 @@ def outcome_of(invocation):
 
 
 def main():
+    threading.Thread(target=end_with_parent, args=(os.getppid(),), daemon=True).start()
     with open(os.path.join(FOLDER, "invocation.json")) as stream:
         invocation = json.load(stream)
     outcome = outcome_of(invocation)

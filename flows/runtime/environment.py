@@ -1,8 +1,10 @@
-"""The one builder of a callback's environment: the DCM-PROCESSOR-SERVICE-* variables and nothing secret.
+"""The one builder of environments: a callback's DCM-PROCESSOR-SERVICE-* variables, and a flow run's settings.
 
-`dcm_processor_service` reads these variables (their names contain dashes) to reach session data
-and files. The worker's own Prefect settings and database variables are removed, so a callback
-cannot act on Prefect with the worker's credentials.
+`dcm_processor_service` reads the service variables (their names contain dashes) to reach session
+data and files. The worker's own Prefect settings and database variables are removed, so a callback
+cannot act on Prefect with the worker's credentials. Flow runs get a heartbeat every 30 s (Prefect's
+minimum; its default is 180 s), which is what lets a run whose process and worker died be marked
+Crashed within two minutes (see flows/crash.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,12 @@ from flows.runtime.records import JobRecord
 
 SERVICE_PREFIX = "DCM-PROCESSOR-SERVICE-"
 WITHHELD_PREFIXES = ("PREFECT_", "DCM_DB_")
+HEARTBEAT_SECONDS = 30
+
+
+def flow_run_variables() -> dict[str, str]:
+    """Settings every flow run's process needs (prefect.yaml gives process runs the same)."""
+    return {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS)}
 
 
 def service_variables(job: JobRecord, database: DBManager) -> dict[str, str]:

@@ -26,6 +26,16 @@ class JobNotRunnable(JobError):
     """The job is already done, already claimed by another run, or waits for a dependency."""
 
 
+class AlreadyClaimed(JobNotRunnable):
+    """Another live flow run holds the job or session, or the job is done: this run must not run it.
+
+    Such a run ends Cancelled with the state name `Duplicate`, so it reads as a harmless repeat
+    rather than as a failure that needs attention.
+    """
+
+    state_name = "Duplicate"
+
+
 class ArchiveError(JobError):
     """An archive is corrupt, too large, or has an entry that would land outside its folder."""
 

@@ -21,7 +21,7 @@ from dcm_processor_db_provider import DBManager
 from gridfs.errors import NoFile
 from pymongo.errors import ConnectionFailure
 
-from flows.runtime.errors import DatabaseUnavailable, InvalidRecord, JobNotFound, JobNotRunnable
+from flows.runtime.errors import AlreadyClaimed, DatabaseUnavailable, InvalidRecord, JobNotFound
 
 JOBS = "jobs"
 SERVICES = "services"
@@ -314,8 +314,34 @@ class PlatformRecords:
             return
         current = self.job(job_id)
         if current.done:
-            raise JobNotRunnable(f"job {job_id} is already done; nothing was run")
-        raise JobNotRunnable(f"job {job_id} is already in progress in another run; nothing was run")
+            raise AlreadyClaimed(f"job {job_id} is already done; nothing was run")
+        raise AlreadyClaimed(f"job {job_id} is already in progress in another run; nothing was run")
+
+    @database_call
+    def claim_session(self, session_id: str, flow_run_id: str, run_has_ended: Callable[[str], bool]) -> None:
+        """Make this flow run the one that runs the session, atomically, or raise AlreadyClaimed.
+
+        The session document keeps the id of the run that holds it (`flowRunId`). A holder whose run
+        has ended (`run_has_ended`) is replaced by a compare-and-swap, so a retried or resubmitted
+        session runs again, but two live runs never run the same session.
+        """
+        sessions = self.database.db
+        free = {"_id": session_id, "$or": [
+            {"flowRunId": {"$exists": False}}, {"flowRunId": None}, {"flowRunId": flow_run_id},
+        ]}
+        if sessions.find_one_and_update(SESSIONS, {"$set": {"flowRunId": flow_run_id}}, {"query": free}) is not None:
+            return
+        current = sessions.find_one(SESSIONS, {"query": {"_id": session_id}, "select": ["flowRunId"]})
+        if current is None:
+            raise InvalidRecord(f"session {session_id} does not exist")
+        holder = str(current.get("flowRunId"))
+        if run_has_ended(holder):
+            swapped = sessions.find_one_and_update(
+                SESSIONS, {"$set": {"flowRunId": flow_run_id}}, {"query": {"_id": session_id, "flowRunId": holder}}
+            )
+            if swapped is not None:
+                return
+        raise AlreadyClaimed(f"session {session_id} is already being run by flow run {holder}")
 
     @database_call
     def mark_succeeded(self, job_id: str, result: Any) -> None:

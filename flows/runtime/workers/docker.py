@@ -21,6 +21,7 @@ import tarfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flows.runtime.environment import flow_run_variables
 from flows.runtime.errors import InvalidRecord
 from flows.runtime.workers.base import JobFolders, WorkerType
 
@@ -172,7 +173,10 @@ class DockerWorker(WorkerType):
             "image_pull_policy": worker.setting("image_pull_policy", str, default="IfNotPresent"),
             "network_mode": worker.setting("network_mode", str, default="host"),
             "auto_remove": True,
-            "env": {**(run_options.get("environment") or {}), "HOME": "/tmp", "PREFECT_HOME": "/tmp/prefect"},
+            "env": {
+                **(run_options.get("environment") or {}), **flow_run_variables(),
+                "HOME": "/tmp", "PREFECT_HOME": "/tmp/prefect",
+            },
             "container_create_kwargs": create,
         }
         if worker.setting("mem_limit", str):

@@ -1,0 +1,220 @@
+"""Load: many patients' sessions at once on the embedded stack's one process worker.
+
+`make load` stores 5 patients of 50 one-image series each, lets the platform's scheduler make their
+sessions (each series gets one job of a trivial service, plus the pre- and post-services jobs), submits
+all sessions at the same moment and waits. It checks that every job record is done and that every
+callback ran exactly once (each appends its job id to a file), samples the memory of the worker and of
+the flow-run processes it started, and writes the figures into docs/benchmarks.md.
+`tests/test_faults.py` runs the same at a smaller size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from blocks.database import DcmDatabase
+from flows.demo import schedule_stable_patient, upload_example_patient
+from flows.runtime.components import Component, register_service
+from flows.runtime.records import PlatformRecords
+from flows.stack import DATABASE_BLOCK, DEFAULT_HOME, PROJECT_DIR, LocalStack
+from flows.submit import submit_session, wait_for_run
+
+BENCHMARKS = PROJECT_DIR / "docs" / "benchmarks.md"
+SECTION = re.compile(r"<!-- load -->.*<!-- /load -->", flags=re.DOTALL)
+SAMPLE_SECONDS = 0.5
+
+TRIVIAL_SERVICE = '''
+import os
+
+
+def touch(session_id, job_name, headers, params, added_params, **kwargs):
+    with open(params["marker"], "a") as marker:
+        marker.write(os.environ["DCM-PROCESSOR-SERVICE-JOB-ID"] + "\\n")
+    return 1
+'''
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    sessions: int
+    jobs: int
+    wall_seconds: float
+    jobs_per_minute: float
+    worker_peak_rss_mb: float
+    flow_runs_peak_rss_mb: float
+    peak_flow_run_processes: int
+    sessions_completed: int
+    jobs_not_done: int
+    callbacks_run_twice: int
+    callbacks_missing: int
+
+
+def trivial_component(folder: Path, marker: Path) -> Component:
+    """A service whose one series job appends its job id to `marker`."""
+    (folder / "module").mkdir(parents=True)
+    (folder / "registry").mkdir()
+    (folder / "module" / "__init__.py").write_text(TRIVIAL_SERVICE)
+    (folder / "registry" / "__init__.py").write_text("def accept(**kwargs):\n    return True, {}\n")
+    manifest = {"name": "load-touch", "version": "1.0.0", "service": {"module": "module", "registry": "registry",
+                "jobs": [{"jobName": "touch", "workerEntry": "touch", "registryEntry": "accept",
+                          "events": ["stable-series"], "params": {"marker": str(marker)}}]}}
+    (folder / "dcm-processor.json").write_text(json.dumps(manifest))
+    return Component.read(folder)
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _descendants(pid: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(parent, []).append(int(entry.name))
+    found, frontier = [], [pid]
+    while frontier:
+        children = parents.get(frontier.pop(), [])
+        found.extend(children)
+        frontier.extend(children)
+    return found
+
+
+class MemorySampler(threading.Thread):
+    """Samples the worker's RSS and the summed RSS of the flow-run processes below it."""
+
+    def __init__(self, worker_pid: int) -> None:
+        super().__init__(daemon=True)
+        self.worker_pid = worker_pid
+        self.worker_peak = 0.0
+        self.flow_runs_peak = 0.0
+        self.processes_peak = 0
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(SAMPLE_SECONDS):
+            children = _descendants(self.worker_pid)
+            self.worker_peak = max(self.worker_peak, _rss_mb(self.worker_pid))
+            self.flow_runs_peak = max(self.flow_runs_peak, sum(_rss_mb(child) for child in children))
+            self.processes_peak = max(self.processes_peak, len(children))
+
+
+def run_load(database: DcmDatabase, database_block: str, worker_pid: int, sessions: int, series: int,
+             folder: Path, timeout_seconds: float = 3600) -> LoadReport:
+    """Schedule `sessions` patients of `series` series each, run all their sessions at once, check them."""
+    records = PlatformRecords(database.open())
+    marker = folder / "callbacks"
+    register_service(records, trivial_component(folder / "component", marker))
+    session_ids = []
+    for number in range(sessions):
+        upload_example_patient(database, patient_id=f"LOAD-{number}", series=series, instances=1)
+        session_ids.append(schedule_stable_patient(database, records))
+    job_ids = [job.id for session_id in session_ids for job in records.session_jobs(session_id)
+               if job.service_name == "load-touch"]
+    sampler = MemorySampler(worker_pid)
+    sampler.start()
+    started = time.monotonic()
+    runs = [submit_session(session_id, database_block=database_block) for session_id in session_ids]
+    finals = [wait_for_run(run_id, timeout_seconds=timeout_seconds, poll_seconds=1) for run_id in runs]
+    wall = time.monotonic() - started
+    sampler.stopped.set()
+    sampler.join()
+    calls = Counter(marker.read_text().split()) if marker.exists() else Counter()
+    all_jobs = [job for session_id in session_ids for job in records.session_jobs(session_id)]
+    return LoadReport(
+        sessions=sessions,
+        jobs=len(all_jobs),
+        wall_seconds=round(wall, 1),
+        jobs_per_minute=round(len(all_jobs) / wall * 60, 1),
+        worker_peak_rss_mb=round(sampler.worker_peak, 1),
+        flow_runs_peak_rss_mb=round(sampler.flow_runs_peak, 1),
+        peak_flow_run_processes=sampler.processes_peak,
+        sessions_completed=sum(1 for run in finals if run.state is not None and run.state.is_completed()),
+        jobs_not_done=sum(1 for job in all_jobs if not job.done),
+        callbacks_run_twice=sum(1 for count in calls.values() if count > 1),
+        callbacks_missing=sum(1 for job_id in job_ids if job_id not in calls),
+    )
+
+
+def own_database(database: DcmDatabase, name: str) -> DcmDatabase:
+    """A fresh database on the same server, saved as a block of the same name, so the scheduler sees
+    only the load's service."""
+    own = DcmDatabase(url=SecretStr(database.url.get_secret_value()), database_name=name)
+    own.save(name, overwrite=True)
+    return own
+
+
+def markdown(report: LoadReport, series: int) -> str:
+    rows = [
+        ("sessions submitted at once", report.sessions),
+        ("series per patient (one trivial job each)", series),
+        ("job records (with pre- and post-services)", report.jobs),
+        ("sessions completed", report.sessions_completed),
+        ("jobs not done / callbacks run twice / missing",
+         f"{report.jobs_not_done} / {report.callbacks_run_twice} / {report.callbacks_missing}"),
+        ("wall time", f"{report.wall_seconds} s"),
+        ("throughput", f"{report.jobs_per_minute} jobs/min"),
+        ("process worker, peak RSS", f"{report.worker_peak_rss_mb} MB"),
+        ("flow-run processes, peak summed RSS", f"{report.flow_runs_peak_rss_mb} MB"),
+        ("flow-run processes at once, peak", report.peak_flow_run_processes),
+    ]
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    return (
+        "<!-- load -->\n## Load: concurrent sessions on one process worker\n\n"
+        "`make load` (bench/load.py) on this 2-core machine, embedded stack (SecantusDB, Prefect server on "
+        "SQLite), `max_parallel_jobs` 4 per session:\n\n| | |\n|---|---|\n" + table + "\n<!-- /load -->"
+    )
+
+
+def write_benchmarks(section: str) -> None:
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
+    text = SECTION.sub(lambda _: section, text) if SECTION.search(text) else text.rstrip("\n") + "\n\n" + section
+    BENCHMARKS.write_text(text + ("" if text.endswith("\n") else "\n"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    arguments.add_argument("--sessions", type=int, default=5)
+    arguments.add_argument("--series", type=int, default=50)
+    options = arguments.parse_args(argv)
+    stack = LocalStack(DEFAULT_HOME)
+    state = stack.start()
+    with stack.connected(state), tempfile.TemporaryDirectory() as folder:
+        name = f"load-{uuid.uuid4().hex[:8]}"
+        database = own_database(DcmDatabase.load(DATABASE_BLOCK), name)
+        try:
+            report = run_load(database, name, state.processes["process-worker"], options.sessions, options.series,
+                              Path(folder))
+        finally:
+            database.open().db.get_db().client.drop_database(name)
+    print(json.dumps(asdict(report), indent=2))
+    write_benchmarks(markdown(report, options.series))
+    print(f"written to {BENCHMARKS}")
+    healthy = report.jobs_not_done == report.callbacks_run_twice == report.callbacks_missing == 0
+    return 0 if healthy and report.sessions_completed == report.sessions else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
