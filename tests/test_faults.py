@@ -12,6 +12,7 @@ import signal
 import stat
 import threading
 import time
+import uuid
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -351,7 +352,7 @@ def test_a_prefect_server_restart_in_the_middle_of_a_session_loses_no_job_and_ru
 def test_concurrent_sessions_finish_every_job_exactly_once_with_bounded_worker_memory(
     stack: StackState, database, tmp_path: Path
 ) -> None:
-    name = f"load-{tmp_path.name[-12:]}"
+    name = f"load-{uuid.uuid4().hex[:8]}"
     own = own_database(database, name)
     try:
         report = run_load(own, name, stack.processes["process-worker"], sessions=3, series=6, folder=tmp_path,
