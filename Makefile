@@ -20,7 +20,7 @@ lint: install
 	$(BIN)/ruff check flows blocks tests examples docs bench
 
 test: lint
-	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra --durations=25
 
 # Pictures of the demo's Prefect UI for the docs (headless Chromium; installs Debian's chromium as root).
 screenshots: install

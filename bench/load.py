@@ -22,8 +22,6 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pydantic import SecretStr
-
 from blocks.database import DcmDatabase
 from flows.demo import schedule_stable_patient, upload_example_patient
 from flows.runtime.components import Component, register_service
@@ -158,14 +156,6 @@ def run_load(database: DcmDatabase, database_block: str, worker_pid: int, sessio
     )
 
 
-def own_database(database: DcmDatabase, name: str) -> DcmDatabase:
-    """A fresh database on the same server, saved as a block of the same name, so the scheduler sees
-    only the load's service."""
-    own = DcmDatabase(url=SecretStr(database.url.get_secret_value()), database_name=name)
-    own.save(name, overwrite=True)
-    return own
-
-
 def markdown(report: LoadReport, series: int) -> str:
     rows = [
         ("sessions submitted at once", report.sessions),
@@ -202,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     stack = LocalStack(DEFAULT_HOME)
     state = stack.start()
     with stack.connected(state), tempfile.TemporaryDirectory() as folder:
-        name = f"load-{uuid.uuid4().hex[:8]}"
-        database = own_database(DcmDatabase.load(DATABASE_BLOCK), name)
+        name = f"load-{uuid.uuid4().hex[:8]}"  # a database of its own: the scheduler sees only the load's service
+        database = DcmDatabase.load(DATABASE_BLOCK).with_database_name(name)
+        database.save(name, overwrite=True)
         try:
             report = run_load(database, name, state.processes["process-worker"], options.sessions, options.series,
                               Path(folder))

@@ -71,6 +71,11 @@ class DcmDatabase(Block):
             url = with_server_wait(url, self.server_wait_seconds)
         return DBManager(dburl=url, dbname=self.database_name, dbprovider=self.provider)
 
+    def with_database_name(self, database_name: str) -> DcmDatabase:
+        """The same server and credentials with another database, e.g. to keep a test or a load run apart."""
+        return DcmDatabase(provider=self.provider, url=self.url, database_name=database_name,
+                           server_wait_seconds=self.server_wait_seconds)
+
     @classmethod
     def from_environment(cls) -> DcmDatabase:
         """The database named by DCM_DB_PROVIDER, DCM_DB_URL and DCM_DB_NAME."""

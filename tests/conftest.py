@@ -10,7 +10,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -71,6 +73,19 @@ def service_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run([sys.executable, "-m", "uv", "pip", "install", "--quiet", "--python", str(python),
                     *SERVICE_PACKAGES], check=True)
     return python
+
+
+@contextmanager
+def separate_database(database: DcmDatabase, prefix: str) -> Iterator[tuple[str, DcmDatabase]]:
+    """A fresh database on the stack's server, saved as a block of its name (so the worker reaches it),
+    dropped afterwards: the scheduler then sees only the services a test registers."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    own = database.with_database_name(name)
+    own.save(name, overwrite=True)
+    try:
+        yield name, own
+    finally:
+        own.open().db.get_db().client.drop_database(name)
 
 
 def read_logs(flow_run_id: UUID) -> list[Log]:

@@ -13,7 +13,6 @@ from pathlib import Path
 import nibabel
 import pytest
 from bson import ObjectId
-from pydantic import SecretStr
 
 from blocks.database import DcmDatabase
 from blocks.host import WorkerHost
@@ -22,18 +21,15 @@ from flows.demo import upload_example_patient as store_mr_series
 from flows.runtime.records import PRE_SERVICES_JOB, JobRecord, PlatformRecords
 from flows.stack import docker_engine_answers
 from flows.submit import submit_install, submit_job
-from tests.conftest import finished
+from tests.conftest import finished, separate_database
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def example_database(database: DcmDatabase) -> Iterator[tuple[str, DcmDatabase]]:
-    name = f"examples-{uuid.uuid4().hex[:8]}"
-    own = DcmDatabase(url=SecretStr(database.url.get_secret_value()), database_name=name)
-    own.save(name, overwrite=True)
-    yield name, own
-    own.open().db.get_db().client.drop_database(name)
+    with separate_database(database, "examples") as own:
+        yield own
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import signal
 import stat
 import threading
 import time
-import uuid
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,11 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.states import Scheduled
 
-from bench.load import own_database, run_load
+from bench.load import run_load
 from flows.crash import MISSED_HEARTBEATS_SECONDS
 from flows.stack import LocalStack, StackState
 from flows.submit import submit_job, submit_session
-from tests.conftest import eventually, finished, read_flow_run
+from tests.conftest import eventually, finished, read_flow_run, separate_database
 from tests.platform import Platform, parent_of, process_alive, zip_files
 
 pytestmark = pytest.mark.integration
@@ -352,15 +351,11 @@ def test_a_prefect_server_restart_in_the_middle_of_a_session_loses_no_job_and_ru
 def test_concurrent_sessions_finish_every_job_exactly_once_with_bounded_worker_memory(
     stack: StackState, database, tmp_path: Path
 ) -> None:
-    name = f"load-{uuid.uuid4().hex[:8]}"
-    own = own_database(database, name)
-    try:
-        report = run_load(own, name, stack.processes["process-worker"], sessions=3, series=6, folder=tmp_path,
+    with separate_database(database, "load") as (name, own):
+        report = run_load(own, name, stack.processes["process-worker"], sessions=2, series=5, folder=tmp_path,
                           timeout_seconds=600)
-    finally:
-        own.open().db.get_db().client.drop_database(name)
 
-    assert report.sessions_completed == 3
-    assert report.jobs == 3 * (6 + 2)
+    assert report.sessions_completed == 2
+    assert report.jobs == 2 * (5 + 2)
     assert (report.jobs_not_done, report.callbacks_run_twice, report.callbacks_missing) == (0, 0, 0)
     assert report.worker_peak_rss_mb < WORKER_MEMORY_BOUND_MB

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +20,6 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, FlowRunFilterTags
 from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import ObjectAlreadyExists
-from pydantic import SecretStr
 
 from blocks.database import DcmDatabase
 from flows.demo import schedule_stable_patient, upload_example_patient
@@ -29,7 +27,7 @@ from flows.runtime.components import Component, register_service
 from flows.runtime.records import PRE_SERVICES_JOB, SERVICE_JOB, JobRecord, PlatformRecords
 from flows.stack import PROCESS_POOL, StackState
 from flows.submit import submit_job, submit_session
-from tests.conftest import eventually, finished, read_logs
+from tests.conftest import eventually, finished, read_logs, separate_database
 
 pytestmark = pytest.mark.integration
 
@@ -82,11 +80,8 @@ def graph_component(folder: Path, fail_marker: Path) -> Component:
 @pytest.fixture
 def session_database(database: DcmDatabase) -> Iterator[tuple[str, DcmDatabase]]:
     """A database of its own for one test, reachable by block name from the worker."""
-    name = f"session-test-{uuid.uuid4().hex[:8]}"
-    own = DcmDatabase(url=SecretStr(database.url.get_secret_value()), database_name=name)
-    own.save(name, overwrite=True)
-    yield name, own
-    own.open().db.get_db().client.drop_database(name)
+    with separate_database(database, "session-test") as own:
+        yield own
 
 
 @pytest.fixture
@@ -95,6 +90,16 @@ def graph(session_database: tuple[str, DcmDatabase], tmp_path: Path):
     fail_marker = tmp_path / "fail"
     register_service(PlatformRecords(database.open()), graph_component(tmp_path / "graph", fail_marker))
     return block, database, fail_marker
+
+
+@pytest.fixture
+def failing_session(graph) -> tuple[str, PlatformRecords, str]:
+    """A scheduled session of the graph service whose job "first" fails: (block, records, session id)."""
+    block, database, fail_marker = graph
+    records = PlatformRecords(database.open())
+    fail_marker.touch()
+    upload_example_patient(database, patient_id="FAIL-1", series=1, instances=1)
+    return block, records, schedule_stable_patient(database, records)
 
 
 def job_runs_of(session_run_id) -> list[FlowRun]:
@@ -138,13 +143,10 @@ def test_session_runs_the_schedulers_job_graph_in_dependency_order_and_cleans_up
 
 
 def test_failed_job_skips_its_dependents_runs_the_clean_up_and_a_retry_runs_only_what_did_not_succeed(
-    graph, stack: StackState
+    graph, failing_session, stack: StackState
 ) -> None:
-    block, database, fail_marker = graph
-    records = PlatformRecords(database.open())
-    fail_marker.touch()
-    upload_example_patient(database, patient_id="FAIL-1", series=1, instances=1)
-    session_id = schedule_stable_patient(database, records)
+    block, records, session_id = failing_session
+    _, _, fail_marker = graph
 
     session_run_id = submit_session(session_id, database_block=block)
     session_run = finished(session_run_id, timeout=300)
@@ -255,13 +257,10 @@ def test_bridge_runs_each_session_of_the_unmodified_scheduler_once_even_across_r
 
 
 def test_retrying_a_failed_job_run_re_executes_the_job_and_updates_its_record(
-    graph, stack: StackState
+    graph, failing_session, stack: StackState
 ) -> None:
-    block, database, fail_marker = graph
-    records = PlatformRecords(database.open())
-    fail_marker.touch()
-    upload_example_patient(database, patient_id="RETRY-1", series=1, instances=1)
-    session_id = schedule_stable_patient(database, records)
+    block, records, session_id = failing_session
+    _, _, fail_marker = graph
     jobs = records_by_name(records, session_id)
     for name in ("pre-services", "count", "study"):
         assert finished(submit_job(jobs[name].id, block)).state.is_completed()
@@ -276,4 +275,4 @@ def test_retrying_a_failed_job_run_re_executes_the_job_and_updates_its_record(
     record = records.job(jobs["first"].id)
     assert record.result["value"] == "first" and not record.in_progress
     assert any("told to fail" in log.message for log in read_logs(run_id))
-    assert isinstance(database.open().get_job_by_id(record.id)["completedAt"], datetime)
+    assert isinstance(records.database.get_job_by_id(record.id)["completedAt"], datetime)

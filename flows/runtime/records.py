@@ -33,6 +33,7 @@ PRE_SERVICES_JOB = "dcm_processor_worker.pre_services"
 POST_SERVICES_JOB = "dcm_processor_worker.post_services"
 JOB_FUNCTIONS = (SERVICE_JOB, PRE_SERVICES_JOB, POST_SERVICES_JOB)
 WORKER_DATA_FILE = "data_dir"
+SESSION_HOLDER = "sessionFlowRunId"
 """The `worker_files` key of a worker's zipped data folder, as the platform's installer names it."""
 PLATFORM_CONSUMER = "default-customer-id"
 """The `consumer_id` DBManager.create_job gives every job; mongo-qas workers claim only jobs that have it."""
@@ -321,23 +322,25 @@ class PlatformRecords:
     def claim_session(self, session_id: str, flow_run_id: str, run_has_ended: Callable[[str], bool]) -> None:
         """Make this flow run the one that runs the session, atomically, or raise AlreadyClaimed.
 
-        The session document keeps the id of the run that holds it (`flowRunId`). A holder whose run
-        has ended (`run_has_ended`) is replaced by a compare-and-swap, so a retried or resubmitted
-        session runs again, but two live runs never run the same session.
+        The session's oldest job keeps the id of the run that holds the session (`sessionFlowRunId`;
+        jobs outlive the session document, which post-services deletes). A holder whose run has ended
+        (`run_has_ended`) is replaced by a compare-and-swap, so a retried or resubmitted session runs
+        again, but two live runs never run the same session.
         """
-        sessions = self.database.db
-        free = {"_id": session_id, "$or": [
-            {"flowRunId": {"$exists": False}}, {"flowRunId": None}, {"flowRunId": flow_run_id},
+        jobs = self.database.db
+        anchor = jobs.find_one(JOBS, {"query": {"sessionId": {"$in": [session_id, self.database.make_oid(session_id)]}},
+                                      "select": ["_id", SESSION_HOLDER], "sort": [("_id", 1)]})
+        if anchor is None:
+            raise InvalidRecord(f"session {session_id} has no jobs")
+        free = {"_id": anchor["_id"], "$or": [
+            {SESSION_HOLDER: {"$exists": False}}, {SESSION_HOLDER: None}, {SESSION_HOLDER: flow_run_id},
         ]}
-        if sessions.find_one_and_update(SESSIONS, {"$set": {"flowRunId": flow_run_id}}, {"query": free}) is not None:
+        if jobs.find_one_and_update(JOBS, {"$set": {SESSION_HOLDER: flow_run_id}}, {"query": free}) is not None:
             return
-        current = sessions.find_one(SESSIONS, {"query": {"_id": session_id}, "select": ["flowRunId"]})
-        if current is None:
-            raise InvalidRecord(f"session {session_id} does not exist")
-        holder = str(current.get("flowRunId"))
+        holder = str(jobs.find_one(JOBS, {"query": {"_id": anchor["_id"]}, "select": [SESSION_HOLDER]})[SESSION_HOLDER])
         if run_has_ended(holder):
-            swapped = sessions.find_one_and_update(
-                SESSIONS, {"$set": {"flowRunId": flow_run_id}}, {"query": {"_id": session_id, "flowRunId": holder}}
+            swapped = jobs.find_one_and_update(
+                JOBS, {"$set": {SESSION_HOLDER: flow_run_id}}, {"query": {"_id": anchor["_id"], SESSION_HOLDER: holder}}
             )
             if swapped is not None:
                 return
