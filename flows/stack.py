@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from pydantic import SecretStr
@@ -176,7 +177,7 @@ class LocalStack:
         return state
 
     def _database_port(self, state: StackState) -> int:
-        return int(state.database_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+        return urlsplit(state.database_url).port or 27017
 
     def _spawn_database(self, state: StackState) -> None:
         (self.home / "database").mkdir(parents=True, exist_ok=True)
@@ -200,7 +201,7 @@ class LocalStack:
         self._wait_for_database(state)
 
     def _spawn_server(self, state: StackState) -> None:
-        port = state.api_url.rsplit(":", 1)[1].split("/", 1)[0]
+        port = str(urlsplit(state.api_url).port)
         state.processes["prefect-server"] = self._spawn("prefect-server", [
             _executable("prefect"), "server", "start", "--host", "127.0.0.1", "--port", port,
         ], {**self._prefect_environment(), "PREFECT_UI_API_URL": state.api_url})

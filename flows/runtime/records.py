@@ -328,8 +328,8 @@ class PlatformRecords:
         again, but two live runs never run the same session.
         """
         jobs = self.database.db
-        anchor = jobs.find_one(JOBS, {"query": {"sessionId": {"$in": [session_id, self.database.make_oid(session_id)]}},
-                                      "select": ["_id", SESSION_HOLDER], "sort": [("_id", 1)]})
+        anchor = jobs.find_one(JOBS, {"query": self._of_session(session_id), "select": ["_id", SESSION_HOLDER],
+                                      "sort": [("_id", 1)]})
         if anchor is None:
             raise InvalidRecord(f"session {session_id} has no jobs")
         free = {"_id": anchor["_id"], "$or": [
@@ -362,13 +362,16 @@ class PlatformRecords:
             "$inc": {"attempts": failed_attempts},
         })
 
+    def _of_session(self, session_id: str) -> dict[str, Any]:
+        """The jobs of a session, whose `sessionId` the platform stores as ObjectId or as its hex string."""
+        return {"sessionId": {"$in": [session_id, self.database.make_oid(session_id)]}}
+
     @database_call
     def session_jobs(self, session_id: str) -> list[JobRecord]:
         """Every job of a session, oldest first (the order the scheduler created them in)."""
         documents = self.database.db.find(
             JOBS,
-            {"query": {"sessionId": {"$in": [session_id, self.database.make_oid(session_id)]}},
-             "sort": [("createdAt", 1)]},
+            {"query": self._of_session(session_id), "sort": [("createdAt", 1)]},
         )
         return [JobRecord.from_document(document) for document in documents]
 
