@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint screenshots load stack-start stack-stop clean
+.PHONY: install demo test lint screenshots load bench stack-start stack-stop clean
 
 install: $(BIN)/dcm-flows
 
@@ -30,6 +30,10 @@ screenshots: install
 # 5 patients of 50 series, all sessions at once on the embedded stack; figures into docs/benchmarks.md.
 load: install
 	$(BIN)/python -m bench.load
+
+# Per-job overhead, trigger to start, session makespans, side by side with their baselines; into docs/benchmarks.md.
+bench: install
+	$(BIN)/python -m bench.overhead
 
 stack-start: install
 	$(BIN)/dcm-flows stack start

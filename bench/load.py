@@ -30,7 +30,6 @@ from flows.stack import DATABASE_BLOCK, DEFAULT_HOME, PROJECT_DIR, LocalStack
 from flows.submit import submit_session, wait_for_run
 
 BENCHMARKS = PROJECT_DIR / "docs" / "benchmarks.md"
-SECTION = re.compile(r"<!-- load -->.*<!-- /load -->", flags=re.DOTALL)
 SAMPLE_SECONDS = 0.5
 
 TRIVIAL_SERVICE = '''
@@ -178,9 +177,11 @@ def markdown(report: LoadReport, series: int) -> str:
     )
 
 
-def write_benchmarks(section: str) -> None:
+def write_benchmarks(section: str, marker: str) -> None:
+    """Replace the part of docs/benchmarks.md between `<!-- marker -->` and `<!-- /marker -->`, or append it."""
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    text = SECTION.sub(lambda _: section, text) if SECTION.search(text) else text.rstrip("\n") + "\n\n" + section
+    between = re.compile(f"<!-- {marker} -->.*<!-- /{marker} -->", flags=re.DOTALL)
+    text = between.sub(lambda _: section, text) if between.search(text) else text.rstrip("\n") + "\n\n" + section
     BENCHMARKS.write_text(text + ("" if text.endswith("\n") else "\n"))
 
 
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             database.open().db.get_db().client.drop_database(name)
     print(json.dumps(asdict(report), indent=2))
-    write_benchmarks(markdown(report, options.series))
+    write_benchmarks(markdown(report, options.series), "load")
     print(f"written to {BENCHMARKS}")
     healthy = report.jobs_not_done == report.callbacks_run_twice == report.callbacks_missing == 0
     return 0 if healthy and report.sessions_completed == report.sessions else 1

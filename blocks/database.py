@@ -8,6 +8,7 @@ flow-run parameter, log line or artifact.
 from __future__ import annotations
 
 import os
+import threading
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from dcm_processor_db_provider import DBManager
@@ -17,6 +18,9 @@ from pydantic import Field, SecretStr
 ENVIRONMENT_PROVIDER = "DCM_DB_PROVIDER"
 ENVIRONMENT_URL = "DCM_DB_URL"
 ENVIRONMENT_NAME = "DCM_DB_NAME"
+
+_managers: dict[tuple[str, str, str], DBManager] = {}
+_managers_lock = threading.Lock()
 
 
 def with_server_wait(url: str, seconds: float) -> str:
@@ -65,11 +69,20 @@ class DcmDatabase(Block):
     )
 
     def open(self) -> DBManager:
-        """A DBManager on this database; connections are opened lazily by the driver."""
+        """The DBManager of this database in this process; connections are opened lazily by the driver.
+
+        One per process and database: a session runs many jobs in its process, and each DBManager
+        holds a MongoClient with its own connection pool and monitor thread (pymongo clients are
+        thread-safe and reconnect after an outage).
+        """
         url = self.url.get_secret_value()
         if self.provider == "mongodb":
             url = with_server_wait(url, self.server_wait_seconds)
-        return DBManager(dburl=url, dbname=self.database_name, dbprovider=self.provider)
+        key = (self.provider, url, self.database_name)
+        with _managers_lock:
+            if key not in _managers:
+                _managers[key] = DBManager(dburl=url, dbname=self.database_name, dbprovider=self.provider)
+            return _managers[key]
 
     def with_database_name(self, database_name: str) -> DcmDatabase:
         """The same server and credentials with another database, e.g. to keep a test or a load run apart."""

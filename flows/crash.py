@@ -5,7 +5,8 @@ notices in one of two ways: the worker that started the process sees it exit abn
 worker is gone too, the run's heartbeats stop and the automation "dcm: crash runs without heartbeat"
 sets it Crashed (Prefect's own recipe for zombie runs; a self-hosted server has no other detector).
 The automation "dcm: record crashed jobs" then runs the `dcm-record-crash` deployment for every
-crashed `dcm-job` run, which fails the job record when that run still holds it. The callback's
+crashed `dcm-job` run, which fails the job record when that run still holds it, and for every crashed
+`dcm-session` run, whose job runs in its own process died with it and are set Crashed in turn. The callback's
 process does not outlive its run: the callback wrapper ends its process group when its parent dies.
 """
 
@@ -16,12 +17,19 @@ from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.automations import Automation
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterParentFlowRunId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
 from prefect.client.schemas.objects import StateType
 from prefect.events.actions import ChangeFlowRunState, RunDeployment
 from prefect.events.schemas.automations import EventTrigger, Posture
 from prefect.events.schemas.events import ResourceSpecification
 from prefect.exceptions import ObjectNotFound
+from prefect.states import Crashed
 
 from blocks.database import DcmDatabase
 from flows.runtime.environment import HEARTBEAT_SECONDS
@@ -37,6 +45,9 @@ FLOW_RUN_RESOURCE = "prefect.flow-run."
 def record_crash_flow(flow_run_id: str) -> str:
     """Fail the job record of a crashed `dcm-job` run, unless the job was recorded or is held by another run.
 
+    For a crashed `dcm-session` run, crash the job runs it was running in its own process: they
+    died with it, and each then gets its record failed by this flow in turn.
+
     Args:
         flow_run_id: the id of the crashed flow run, bare or as its event resource id
             (`prefect.flow-run.<id>`).
@@ -44,6 +55,8 @@ def record_crash_flow(flow_run_id: str) -> str:
     flow_run_id = flow_run_id.removeprefix(FLOW_RUN_RESOURCE)
     with get_client(sync_client=True) as client:
         crashed = client.read_flow_run(UUID(flow_run_id))
+        if "session_id" in crashed.parameters:
+            return _crash_job_runs_of(client, crashed.id)
     job_id = crashed.parameters.get("job_id")
     if not job_id:
         return f"flow run {flow_run_id} is not a dcm-job run; nothing to record"
@@ -53,6 +66,23 @@ def record_crash_flow(flow_run_id: str) -> str:
     PlatformRecords(database.open()).mark_failed_unless_recorded(str(job_id), flow_run_id, reason)
     get_run_logger().info("job %s: %s", job_id, reason)
     return reason
+
+
+def _crash_job_runs_of(client: SyncPrefectClient, session_run_id: UUID) -> str:
+    """Set Crashed every child run of a crashed session that has not ended (the ones on workers
+    have their own process and end on their own, so only runs without a deployment are touched)."""
+    children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[session_run_id]),
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])),
+    ))
+    in_session = [child for child in children if child.deployment_id is None]
+    for child in in_session:
+        client.set_flow_run_state(child.id, Crashed(
+            message=f"its session's flow run {session_run_id} crashed, and the job ran in that run's process"
+        ), force=True)
+    summary = f"session run {session_run_id} crashed: {len(in_session)} job runs in its process set Crashed"
+    get_run_logger().info(summary)
+    return summary
 
 
 def crash_automations(record_crash_deployment_id: UUID) -> list[Automation]:
@@ -76,11 +106,16 @@ def crash_automations(record_crash_deployment_id: UUID) -> list[Automation]:
     )
     record_crashed_jobs = Automation(
         name="dcm: record crashed jobs",
-        description="Each crashed dcm-job run gets its failure written onto its job record by dcm-record-crash.",
+        description=(
+            "Each crashed dcm-job run gets its failure written onto its job record by dcm-record-crash; "
+            "a crashed dcm-session run gets the job runs that ran in its process crashed."
+        ),
         trigger=EventTrigger(
             expect={"prefect.flow-run.Crashed"},
             match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
-            match_related=ResourceSpecification({"prefect.resource.role": "flow", "prefect.resource.name": "dcm-job"}),
+            match_related=ResourceSpecification({
+                "prefect.resource.role": "flow", "prefect.resource.name": ["dcm-job", "dcm-session"],
+            }),
             posture=Posture.Reactive,
             threshold=1,
             within=timedelta(0),

@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.context import TagsContext
 from prefect.states import Cancelled, Crashed, Failed
 
 from blocks.database import DcmDatabase
@@ -136,7 +137,11 @@ def job_flow(job_id: str, database_block: str = "default") -> Any:
     logger = get_run_logger()
     run = JobRun(PlatformRecords(database.open()), job_id, str(runtime.flow_run.id), _line_logger(logger))
     try:
-        return _run_job(run)
+        # The run's tags (service, session) describe the run, not its tasks: Prefect turns every tag
+        # of a task into a concurrency-limit request, a round trip per task that makes concurrent
+        # jobs of a session queue behind each other. The execute task adds its own limit tags.
+        with TagsContext(current_tags=set()):
+            return _run_job(run)
     except DatabaseUnavailable as outage:
         run.remove_workspace()
         logger.error("%s: %s; its outcome is recorded once the database answers again", run.label, outage)

@@ -2,32 +2,81 @@
 
 The session run checks the graph before anything runs, starts every job as soon as all of its
 dependencies have succeeded (independent jobs at the same time, at most `max_parallel_jobs`),
-routes each to the pool of its worker type and to the work queue named by the job's `channel` when
-that queue exists, skips the dependents of a failed job, and runs the post-services clean-up last.
-A retried session run starts from the records: jobs that are done are not run again.
+skips the dependents of a failed job, and runs the post-services clean-up last. A retried session
+run starts from the records: jobs that are done are not run again.
+
+Where a job runs: a job whose `channel` names a work queue of its pool goes to that queue (the
+host that holds its environment), and so does every docker job (its flow runs in a container);
+both become deployment runs that a worker picks up. Every other job runs as a child flow run in
+a thread of the session's own process, which saves the worker hand-off and a Python process per
+job; its callback still runs in a child process of its environment, as on a worker.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import queue
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from prefect import flow, get_run_logger, runtime
+from prefect import flow, get_run_logger, runtime, tags
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
 from prefect.exceptions import ObjectNotFound
-from prefect.states import Cancelled, Failed, State
+from prefect.states import Cancelled, Cancelling, Failed, State
 
 from blocks.database import DcmDatabase
+from flows.job import job_flow
 from flows.runtime.errors import AlreadyClaimed, JobError
 from flows.runtime.records import JobRecord, PlatformRecords
 from flows.runtime.session_plan import SessionPlan
-from flows.submit import DEFAULT_DATABASE_BLOCK, job_worker_type, submit_job
+from flows.runtime.workers import WorkerType
+from flows.submit import DEFAULT_DATABASE_BLOCK, job_run_name, job_tags, job_worker_type, submit_job
 
 POLL_SECONDS = 1.0
 DEFAULT_MAX_PARALLEL_JOBS = 4
+CANCEL_GRACE_SECONDS = 20
+SESSION_QUEUE = "sessions"
+DEFAULT_SESSIONS_AT_ONCE = 3
+
+
+def limit_sessions_at_once(pool: str, limit: int = DEFAULT_SESSIONS_AT_ONCE) -> None:
+    """Cap how many session runs the pool runs at once (the concurrency limit of their work queue).
+
+    Each session runs up to `max_parallel_jobs` jobs; more sessions at once than the hosts and the
+    Prefect server's database can serve only slows every one of them, so the rest wait, Scheduled.
+    """
+    with get_client(sync_client=True) as client:
+        try:
+            queue_id = client.read_work_queue_by_name(SESSION_QUEUE, work_pool_name=pool).id
+        except ObjectNotFound:
+            queue_id = client.create_work_queue(name=SESSION_QUEUE, work_pool_name=pool).id
+        client.update_work_queue(queue_id, concurrency_limit=limit)
+
+
+@dataclass(frozen=True)
+class JobRoute:
+    """Where one job runs: its worker type, and the work queue of its host when it has one."""
+
+    worker_type: WorkerType
+    queue: str | None
+
+    def in_session(self, allowed: bool) -> bool:
+        """Whether the session runs the job's flow in its own process rather than on a worker."""
+        return allowed and self.queue is None and self.worker_type.runs_in_session
 
 
 class QueueRouter:
@@ -38,18 +87,113 @@ class QueueRouter:
         self.records = records
         self._known: dict[tuple[str, str], bool] = {}
 
-    def queue_for(self, job: JobRecord) -> str | None:
+    def route(self, job: JobRecord) -> JobRoute:
+        worker_type = job_worker_type(job, self.records)
         if not job.channel:
-            return None
-        pool = job_worker_type(job, self.records).work_pool
-        key = (pool, job.channel)
+            return JobRoute(worker_type, None)
+        key = (worker_type.work_pool, job.channel)
         if key not in self._known:
             try:
-                self.client.read_work_queue_by_name(job.channel, work_pool_name=pool)
+                self.client.read_work_queue_by_name(job.channel, work_pool_name=worker_type.work_pool)
                 self._known[key] = True
             except ObjectNotFound:
                 self._known[key] = False
-        return job.channel if self._known[key] else None
+        return JobRoute(worker_type, job.channel if self._known[key] else None)
+
+
+class SessionJobs:
+    """The session's jobs in flight: child flow runs in this process, and deployment runs on workers.
+
+    A child run reports its final state from a state hook, the moment the state is set: the thread
+    that ran it still waits up to a second for the run's heartbeat thread, and the session need not.
+    """
+
+    def __init__(self, client: SyncPrefectClient, database_block: str, max_parallel_jobs: int) -> None:
+        self.client = client
+        self.database_block = database_block
+        # Twice the slots: a finished run's thread lingers for its heartbeat while the next job starts.
+        self.threads = ThreadPoolExecutor(max_workers=2 * max_parallel_jobs, thread_name_prefix="dcm-job")
+        self.here: set[str] = set()
+        self.threads_running: set[Future[State]] = set()
+        self.on_workers: dict[UUID, str] = {}
+        self._ended: queue.SimpleQueue[tuple[str, State | str]] = queue.SimpleQueue()
+        self._reported: set[str] = set()
+        self._lock = threading.Lock()
+        self._polled = 0.0
+
+    def __len__(self) -> int:
+        return len(self.here) + len(self.on_workers)
+
+    def _report(self, job_id: str, ending: State | str) -> None:
+        with self._lock:
+            if job_id in self._reported:
+                return
+            self._reported.add(job_id)
+        self._ended.put((job_id, ending))
+
+    def _run_here(self, job: JobRecord) -> State:
+        def on_final_state(flow: Any, flow_run: Any, state: State) -> None:
+            self._report(job.id, state)
+
+        hooks = [on_final_state]
+        job_run = job_flow.with_options(
+            flow_run_name=job_run_name(job.id, job),
+            on_completion=hooks, on_failure=hooks, on_cancellation=hooks, on_crashed=hooks,
+        )
+        with tags(*job_tags(job)):
+            return job_run(job.id, self.database_block, return_state=True)
+
+    def _thread_ended(self, job_id: str, future: Future[State]) -> None:
+        with self._lock:
+            self.threads_running.discard(future)
+        try:
+            self._report(job_id, future.result())
+        except Exception as error:
+            self._report(job_id, f"its flow run did not start: {type(error).__name__}: {error}")
+
+    def start_here(self, job: JobRecord) -> None:
+        self.here.add(job.id)
+        future = self.threads.submit(contextvars.copy_context().run, self._run_here, job)
+        with self._lock:
+            self.threads_running.add(future)
+        future.add_done_callback(lambda done: self._thread_ended(job.id, done))
+
+    def start_on_worker(self, job: JobRecord, work_queue: str | None, records: PlatformRecords) -> None:
+        self.on_workers[submit_job(job.id, self.database_block, work_queue, records)] = job.id
+
+    def wait_for_ended(self) -> list[tuple[str, State | str]]:
+        """Wait up to a poll interval; return the jobs that ended, each with its final state or why it
+        has none (its flow run could not be created)."""
+        ended: list[tuple[str, State | str]] = []
+        if self.here:
+            with contextlib.suppress(queue.Empty):
+                ended.append(self._ended.get(timeout=POLL_SECONDS))
+                while True:
+                    ended.append(self._ended.get_nowait())
+            self.here.difference_update(job_id for job_id, _ in ended)
+        else:
+            time.sleep(POLL_SECONDS)
+        if self.on_workers and time.monotonic() - self._polled >= POLL_SECONDS:
+            self._polled = time.monotonic()
+            for flow_run in _final_runs(self.client, list(self.on_workers)):
+                ended.append((self.on_workers.pop(flow_run.id), flow_run.state))
+        return ended
+
+    def cancel(self, session_run_id: UUID) -> None:
+        """Ask every running child run to stop (each records its job as cancelled), then give the
+        ones in this process a moment to do so."""
+        running = self.client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[session_run_id]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[
+                StateType.PENDING, StateType.RUNNING, StateType.SCHEDULED
+            ])),
+        ))
+        for child in running:
+            self.client.set_flow_run_state(child.id, Cancelling(message="its session ended"), force=True)
+        with self._lock:
+            still_running = list(self.threads_running)
+        wait(still_running, timeout=CANCEL_GRACE_SECONDS)
+        self.threads.shutdown(wait=False, cancel_futures=True)
 
 
 def _final_runs(client: SyncPrefectClient, flow_run_ids: list[UUID]) -> list[Any]:
@@ -106,6 +250,7 @@ def session_flow(
     database_block: str = DEFAULT_DATABASE_BLOCK,
     max_parallel_jobs: int = DEFAULT_MAX_PARALLEL_JOBS,
     keep_failed_session_data: bool = False,
+    jobs_in_session: bool = True,
 ) -> Any:
     """Run every job of a platform session in dependency order.
 
@@ -115,6 +260,8 @@ def session_flow(
         max_parallel_jobs: how many job runs may be in flight at once.
         keep_failed_session_data: when a job failed, do not run the post-services clean-up, so the
             session's data and DICOM files stay for debugging.
+        jobs_in_session: run jobs that no work queue claims as child flow runs in this session's
+            process; False hands every job to a worker as a deployment run.
     """
     logger = get_run_logger()
     records = PlatformRecords(DcmDatabase.resolve(database_block).open())
@@ -127,29 +274,37 @@ def session_flow(
     plan = SessionPlan.of(records.session_jobs(session_id), keep_failed_session_data)
     already_done = sum(1 for job in plan.jobs.values() if job.done)
     logger.info("session %s: %d jobs, %d already done", session_id, len(plan.jobs), already_done)
-    in_flight: dict[UUID, str] = {}
     progress = SessionProgress(plan)
     with get_client(sync_client=True) as client:
         router = QueueRouter(client, records)
-        while True:
-            for job_id in plan.ready()[: max(1, max_parallel_jobs) - len(in_flight)]:
-                try:
-                    flow_run_id = submit_job(job_id, database_block, router.queue_for(plan.jobs[job_id]), records)
-                except JobError as error:
-                    _record_failure(plan, records, job_id, str(error))
-                    continue
-                plan.started(job_id)
-                in_flight[flow_run_id] = job_id
-            progress.update()
-            if not in_flight:
-                break
-            time.sleep(POLL_SECONDS)
-            for flow_run in _final_runs(client, list(in_flight)):
-                job_id = in_flight.pop(flow_run.id)
-                if flow_run.state.is_completed():
-                    plan.succeeded(job_id)
-                    continue
-                _record_failure(plan, records, job_id, _state_summary(flow_run.state), flow_run.id)
+        in_flight = SessionJobs(client, database_block, max(1, max_parallel_jobs))
+        try:
+            while True:
+                for job_id in plan.ready()[: max(1, max_parallel_jobs) - len(in_flight)]:
+                    job = plan.jobs[job_id]
+                    try:
+                        route = router.route(job)
+                        if route.in_session(jobs_in_session):
+                            in_flight.start_here(job)
+                        else:
+                            in_flight.start_on_worker(job, route.queue, records)
+                    except JobError as error:
+                        _record_failure(plan, records, job_id, str(error))
+                        continue
+                    plan.started(job_id)
+                progress.update()
+                if not len(in_flight):
+                    break
+                for job_id, ending in in_flight.wait_for_ended():
+                    if isinstance(ending, State) and ending.is_completed():
+                        plan.succeeded(job_id)
+                        continue
+                    reason = _state_summary(ending) if isinstance(ending, State) else ending
+                    _record_failure(plan, records, job_id, reason, _flow_run_of(ending))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                in_flight.cancel(runtime.flow_run.id)
+            raise
     for job_id in plan.withheld_clean_up():
         logger.warning("post-services job %s not run: the failed session's data is kept for debugging", job_id)
     failed = plan.failed()
@@ -157,3 +312,7 @@ def session_flow(
         names = ", ".join(f"{plan.jobs[job_id].label} ({job_id})" for job_id in failed)
         return Failed(message=f"session {session_id}: failed jobs: {names}; skipped: {len(plan.skipped())}")
     return {"session_id": session_id, "jobs": len(plan.jobs)}
+
+
+def _flow_run_of(ending: State | str) -> UUID | None:
+    return ending.state_details.flow_run_id if isinstance(ending, State) else None

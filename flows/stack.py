@@ -31,6 +31,7 @@ from pydantic import SecretStr
 
 from blocks.database import ENVIRONMENT_NAME, ENVIRONMENT_PROVIDER, ENVIRONMENT_URL, DcmDatabase
 from flows.crash import ensure_crash_automations
+from flows.session import limit_sessions_at_once
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_HOME = Path(os.environ.get("DCM_FLOWS_HOME", PROJECT_DIR / ".dcm-flows"))
@@ -250,6 +251,7 @@ class LocalStack:
                 DATABASE_BLOCK, overwrite=True
             )
             ensure_crash_automations()
+            limit_sessions_at_once(PROCESS_POOL)
 
     @contextmanager
     def connected(self, state: StackState) -> Iterator[None]:

@@ -31,6 +31,21 @@ def job_worker_type(job: JobRecord, records: PlatformRecords) -> WorkerType:
     return worker_type_for(worker)
 
 
+def job_run_name(job_id: str, job: JobRecord | None) -> str:
+    """The flow run name of a job: its label and id, nothing from the patient."""
+    return f"{job.label if job else 'job'} {job_id}"
+
+
+def job_tags(job: JobRecord | None) -> list[str]:
+    """The tags of a job's flow run: its service and session, to filter runs by in the UI."""
+    tags = ["dcm-job"]
+    if job is not None and job.service_name:
+        tags.append(f"service:{job.service_name}")
+    if job is not None and job.session_id:
+        tags.append(f"session:{job.session_id}")
+    return tags
+
+
 def submit_job(
     job_id: str,
     database_block: str = DEFAULT_DATABASE_BLOCK,
@@ -43,7 +58,6 @@ def submit_job(
     routes it to one queue of the pool (the queue of the host that holds the job's environment).
     """
     records = records or PlatformRecords(DcmDatabase.resolve(database_block).open())
-    tags = ["dcm-job"]
     job: JobRecord | None
     try:
         job = records.job(job_id)
@@ -51,16 +65,12 @@ def submit_job(
     except (InvalidRecord, JobNotFound):
         # Run it anyway, on the process pool: its pre-service fails and writes why into the record.
         job, worker_type = None, worker_type_for(None)
-    if job is not None and job.service_name:
-        tags.append(f"service:{job.service_name}")
-    if job is not None and job.session_id:
-        tags.append(f"session:{job.session_id}")
     flow_run = run_deployment(
         name=f"{JOB_FLOW_NAME}/{worker_type.deployment}",
         job_variables=worker_type.job_variables(),
         parameters={"job_id": job_id, "database_block": database_block},
-        flow_run_name=f"{job.label if job else 'job'} {job_id}",
-        tags=tags,
+        flow_run_name=job_run_name(job_id, job),
+        tags=job_tags(job),
         work_queue_name=work_queue_name,
         timeout=0,
     )
@@ -68,15 +78,22 @@ def submit_job(
 
 
 def submit_session(
-    session_id: str, database_block: str = DEFAULT_DATABASE_BLOCK, idempotency_key: str | None = None
+    session_id: str,
+    database_block: str = DEFAULT_DATABASE_BLOCK,
+    idempotency_key: str | None = None,
+    jobs_in_session: bool = True,
 ) -> UUID:
     """Start one `dcm-session` flow run for a platform session; return the flow run's id.
 
     With an `idempotency_key`, submitting again returns the run created the first time.
+    `jobs_in_session=False` hands every job of the session to a worker (see flows/session.py).
     """
+    parameters: dict[str, object] = {"session_id": session_id, "database_block": database_block}
+    if not jobs_in_session:
+        parameters["jobs_in_session"] = False
     flow_run = run_deployment(
         name=SESSION_DEPLOYMENT,
-        parameters={"session_id": session_id, "database_block": database_block},
+        parameters=parameters,
         flow_run_name=f"session {session_id}",
         tags=["dcm-session", f"session:{session_id}"],
         idempotency_key=idempotency_key,

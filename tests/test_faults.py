@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
-from prefect.states import Scheduled
+from prefect.states import Cancelling, Scheduled
 
 from bench.load import run_load
 from flows.crash import MISSED_HEARTBEATS_SECONDS
@@ -260,7 +260,7 @@ def test_a_job_whose_process_and_worker_are_killed_is_crashed_in_time_and_its_se
     job_id, pid_file = platform.sleeper_job(tmp_path, session_id=session_id)
     dependent_service = platform.service(f"dependent-{tmp_path.name}", "def run(**kwargs):\n    return 1\n")
     dependent = platform.service_job(dependent_service, session_id=session_id, depends_on=[job_id])
-    session_run_id = submit_session(session_id)
+    session_run_id = submit_session(session_id, jobs_in_session=False)
     callback = running_callback(pid_file)
     job_run_id = platform.job(job_id)["flowRunId"]
     worker = stack.processes["process-worker"]
@@ -280,6 +280,57 @@ def test_a_job_whose_process_and_worker_are_killed_is_crashed_in_time_and_its_se
     record = platform.job(job_id)
     assert record["error"] is True and record["inProgress"] is False and "crashed" in record["errorMessage"].lower()
     assert "skipped: dependency" in platform.job(dependent)["errorMessage"]
+
+
+def test_a_killed_session_process_crashes_the_job_runs_inside_it_and_a_retry_finishes_the_session(
+    platform: Platform, tmp_path: Path, stack: StackState
+) -> None:
+    session_id = platform.session()
+    job_id, pid_file = platform.sleeper_job(tmp_path, session_id=session_id)
+    dependent_service = platform.service(f"dependent-{tmp_path.name}", "def run(**kwargs):\n    return 1\n")
+    dependent = platform.service_job(dependent_service, session_id=session_id, depends_on=[job_id])
+    session_run_id = submit_session(session_id)
+    callback = running_callback(pid_file)
+    job_run_id = platform.job(job_id)["flowRunId"]
+    session_process = parent_of(callback)
+    assert parent_of(session_process) == stack.processes["process-worker"], "the job ran in the session's process"
+
+    os.kill(session_process, signal.SIGKILL)
+    killed = time.monotonic()
+    eventually(lambda: not process_alive(callback), timeout=15)
+
+    assert finished(session_run_id, timeout=60).state.is_crashed()
+    crashed = eventually(lambda: (run := read_flow_run(job_run_id)).state.is_crashed() and run, timeout=90, interval=1)
+    assert f"its session's flow run {session_run_id} crashed" in crashed.state.message
+    record = eventually(lambda: (job := platform.job(job_id))["error"] and job, timeout=90, interval=1)
+    assert time.monotonic() - killed < CRASH_DETECTION_SECONDS
+    assert record["inProgress"] is False and f"flow run {job_run_id} crashed" in record["errorMessage"]
+    assert platform.job(dependent)["done"] is False
+
+    platform.manager.db.update("jobs", job_id, {"$set": {"data.kwargs.params.sleep": 0}})
+    with get_client(sync_client=True) as client:  # what an operator does: retry the session's run
+        client.set_flow_run_state(session_run_id, Scheduled(), force=True)
+    assert finished(session_run_id, timeout=300).state.is_completed()
+    assert platform.job(job_id)["done"] is True and platform.job(dependent)["done"] is True
+
+
+def test_cancelling_a_session_cancels_the_job_running_in_its_process_and_kills_the_callback(
+    platform: Platform, tmp_path: Path
+) -> None:
+    session_id = platform.session()
+    job_id, pid_file = platform.sleeper_job(tmp_path, session_id=session_id)
+    session_run_id = submit_session(session_id)
+    callback = running_callback(pid_file)
+    job_run_id = platform.job(job_id)["flowRunId"]
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(session_run_id, Cancelling(), force=True)
+
+    assert finished(session_run_id, timeout=90).state.is_cancelled()
+    assert finished(job_run_id, timeout=30).state.is_cancelled()
+    eventually(lambda: not process_alive(callback), timeout=30)
+    record = eventually(lambda: (job := platform.job(job_id))["error"] and job, timeout=30)
+    assert "cancelled" in record["errorMessage"] and record["inProgress"] is False
 
 
 def test_a_database_outage_while_a_job_starts_and_while_it_finishes_is_ridden_out(

@@ -1,7 +1,7 @@
 """Runs one callback in the worker's interpreter; copied next to `invocation.json` in the job folder.
 
-It needs nothing but the standard library (and uses dcm_processor_db_provider when the environment
-has it, to restore ObjectIds and datetimes exactly as the platform encodes them). It must stay
+It needs nothing but the standard library (and uses bson, or dcm_processor_db_provider, when the
+environment has them, to restore ObjectIds and datetimes exactly as the platform encodes them). It must stay
 compatible with every Python a worker may use, so it avoids newer syntax.
 """
 
@@ -27,6 +27,16 @@ def end_with_parent(parent):
 
 
 def decoder(provider):
+    """The platform's JSON decoding for `provider`, which restores ObjectIds and datetimes. For MongoDB
+    that is bson's json_util, imported alone: dcm_processor_db_provider itself imports pydicom and
+    numpy, which would cost every callback more than a second."""
+    if provider == "mongodb":
+        try:
+            from bson import json_util
+        except ImportError:
+            pass
+        else:
+            return json_util.loads
     try:
         from dcm_processor_db_provider import DBManager
     except ImportError:

@@ -23,7 +23,7 @@ HEARTBEAT_SECONDS = 30
 
 def flow_run_variables() -> dict[str, str]:
     """Settings every flow run's process needs (prefect.yaml gives process runs the same)."""
-    return {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS)}
+    return {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS), "PREFECT_CLIENT_MAX_RETRIES": "8"}
 
 
 def service_variables(job: JobRecord, database: DBManager) -> dict[str, str]:

@@ -34,11 +34,15 @@ class WorkerType(ABC):
 
     Subclasses name the `workers.type` values they handle in `record_types` (None stands for jobs
     without a worker), and the `dcm-job` deployment and work pool that must run their jobs.
+    `runs_in_session` says whether a session may run the job's flow in its own process (the callback
+    still gets a child process of this environment); types whose flow needs infrastructure of its
+    own, such as a container, say False.
     """
 
     record_types: ClassVar[tuple[str | None, ...]] = ()
     deployment: ClassVar[str] = "process"
     work_pool: ClassVar[str] = "dcm-process"
+    runs_in_session: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

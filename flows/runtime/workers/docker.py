@@ -43,6 +43,7 @@ class DockerWorker(WorkerType):
     record_types = ("docker",)
     deployment = "docker"
     work_pool = "dcm-docker"
+    runs_in_session = False
 
     def _mount(self, key: str, default: str) -> Path:
         assert self.worker is not None

@@ -1,0 +1,320 @@
+"""What Prefect orchestration costs per job, measured side by side on the embedded stack.
+
+`make bench` runs a trivial callback (it appends its job id and the time it started to a file) in
+several ways, each repeated, and prints and writes into docs/benchmarks.md the median, min and max:
+
+- the callback as a raw subprocess of the same interpreter (the floor every job pays);
+- one `dcm-job` deployment run through a process worker (pre-service, execute, post-service, record);
+- trigger to callback start through `submit_job`, against a stock one-task flow deployed on the same pool;
+- sessions of 10 and 50 jobs (half of them independent, half depending on one of those), with jobs run
+  in the session's process (the default) and, as the baseline, each job handed to the worker;
+- memory of the worker and of the flow-run processes below it.
+
+Every figure comes from records and the Prefect API, never from a sleep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
+    TaskRunFilter,
+    TaskRunFilterName,
+)
+from prefect.deployments import run_deployment
+
+from bench.load import BENCHMARKS, MemorySampler, write_benchmarks
+from blocks.database import DcmDatabase
+from flows.demo import schedule_stable_patient, upload_example_patient
+from flows.runtime.components import Component, register_service
+from flows.runtime.records import JobRecord, PlatformRecords
+from flows.stack import DATABASE_BLOCK, DEFAULT_HOME, PROCESS_POOL, PROJECT_DIR, LocalStack
+from flows.submit import SESSION_DEPLOYMENT, submit_job, wait_for_run
+
+STOCK_DEPLOYMENT = "bench-one-task/stock"
+
+TRIVIAL_SERVICE = '''
+import os
+import time
+
+
+def touch(session_id, job_name, headers, params, added_params, **kwargs):
+    started = time.time()
+    with open(params["marker"], "a") as marker:
+        marker.write(f"{os.environ.get('DCM-PROCESSOR-SERVICE-JOB-ID', 'raw')} {started}\\n")
+    return 1
+'''
+
+
+@task
+def _note_start(marker: str) -> None:
+    with open(marker, "a") as stream:
+        stream.write(f"stock {time.time()}\n")
+
+
+@flow(name="bench-one-task")
+def one_task_flow(marker: str) -> None:
+    """Prefect's simplest deployment run: one task that notes when it started."""
+    _note_start(marker)
+
+
+@dataclass
+class Figure:
+    """Repeated measurements of one thing, in seconds."""
+
+    name: str
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    def row(self, baseline: Figure | None = None) -> str:
+        ratio = f"{self.median / baseline.median:.1f}x" if baseline and baseline.median else ""
+        return (f"| {self.name} | {self.median:.3f} | {min(self.samples):.3f} | {max(self.samples):.3f} "
+                f"| {len(self.samples)} | {ratio} |")
+
+
+def bench_component(folder: Path, marker: Path) -> Component:
+    """One trivial job per series, and a second one per series that depends on the first."""
+    (folder / "module").mkdir(parents=True)
+    (folder / "registry").mkdir()
+    (folder / "module" / "__init__.py").write_text(TRIVIAL_SERVICE)
+    (folder / "registry" / "__init__.py").write_text("def accept(**kwargs):\n    return True, {}\n")
+    jobs = [
+        {"jobName": "first", "workerEntry": "touch", "registryEntry": "accept", "events": ["stable-series"],
+         "params": {"marker": str(marker)}},
+        {"jobName": "second", "workerEntry": "touch", "registryEntry": "accept", "events": ["stable-series"],
+         "params": {"marker": str(marker)}, "dependsOn": "first"},
+    ]
+    manifest = {"name": "bench-touch", "version": "1.0.0",
+                "service": {"module": "module", "registry": "registry", "jobs": jobs}}
+    (folder / "dcm-processor.json").write_text(json.dumps(manifest))
+    return Component.read(folder)
+
+
+def starts(marker: Path) -> dict[str, float]:
+    """When each callback started, by job id (the raw runs write 'raw', the stock flow 'stock')."""
+    if not marker.exists():
+        return {}
+    return {name: float(at) for name, at in (line.split() for line in marker.read_text().splitlines())}
+
+
+class Bench:
+    """The embedded stack, a database of the bench's own, and the trivial service registered in it."""
+
+    def __init__(self, database: DcmDatabase, block: str, folder: Path, worker_pid: int) -> None:
+        self.database = database
+        self.block = block
+        self.folder = folder
+        self.worker_pid = worker_pid
+        self.marker = folder / "callbacks"
+        self.records = PlatformRecords(database.open())
+        register_service(self.records, bench_component(folder / "component", self.marker))
+        self.patients = 0
+
+    def session(self, series: int) -> str:
+        """A scheduled session of `series` one-image series: 2 jobs per series, pre- and post-services."""
+        self.patients += 1
+        upload_example_patient(self.database, patient_id=f"BENCH-{self.patients}", series=series, instances=1)
+        return schedule_stable_patient(self.database, self.records)
+
+    def raw_callback(self) -> float:
+        """The callback in a fresh interpreter, as a worker environment would run it, without Prefect."""
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); import module; "
+                "module.touch(None, 'first', {}, {'marker': sys.argv[2]}, {})")
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code, str(self.folder / "component"), str(self.marker)], check=True)
+        return time.perf_counter() - started
+
+    def lone_job(self) -> str:
+        """A trivial job that is ready at once (the scheduler makes series jobs wait for pre-services)."""
+        session_id = self.session(series=1)
+        job_id = next(job.id for job in self.records.session_jobs(session_id) if job.job_name == "first")
+        self.database.open().db.update("jobs", job_id, {"$set": {"depends_on": []}})
+        return job_id
+
+    def deployment_job(self) -> tuple[float, float, float]:
+        """One job through `submit_job`: (trigger to callback start, flow run duration, trigger to end)."""
+        job_id = self.lone_job()
+        triggered = time.time()
+        run = wait_for_run(submit_job(job_id, self.block), poll_seconds=0.05)
+        assert run.state is not None and run.state.is_completed(), run.state
+        assert run.start_time is not None and run.end_time is not None
+        return (starts(self.marker)[job_id] - triggered, (run.end_time - run.start_time).total_seconds(),
+                run.end_time.timestamp() - triggered)
+
+    def stock_start(self) -> float:
+        """Trigger to first task line of a stock one-task flow on the same pool and worker."""
+        triggered = time.time()
+        run = run_deployment(STOCK_DEPLOYMENT, parameters={"marker": str(self.folder / "stock")}, timeout=0)
+        finished = wait_for_run(run.id, poll_seconds=0.05)
+        assert finished.state is not None and finished.state.is_completed(), finished.state
+        return starts(self.folder / "stock")["stock"] - triggered
+
+    def session_run(self, series: int, jobs_in_session: bool) -> SessionSample:
+        """Run a whole session and read back from the API how long it and each of its jobs took."""
+        session_id = self.session(series)
+        jobs = {job.id: job for job in self.records.session_jobs(session_id)}
+        triggered = time.time()
+        run = run_deployment(SESSION_DEPLOYMENT, timeout=0, parameters={
+            "session_id": session_id, "database_block": self.block, "jobs_in_session": jobs_in_session,
+        })
+        final = wait_for_run(run.id, timeout_seconds=1800, poll_seconds=0.2)
+        assert final.state is not None and final.state.is_completed(), final.state
+        assert final.start_time is not None and final.end_time is not None
+        with get_client(sync_client=True) as client:
+            children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
+            executes = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[child.id for child in children])),
+                task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="execute")),
+            )
+        job_of_run = {child.id: child.name.rsplit(" ", 1)[-1] for child in children}
+        created = {child.id: child.created for child in children}
+        callback_seconds = {job_of_run[execute.flow_run_id]: execute.total_run_time.total_seconds()
+                            for execute in executes if execute.flow_run_id in job_of_run}
+        return SessionSample(
+            trigger_to_end=final.end_time.timestamp() - triggered,
+            run_seconds=(final.end_time - final.start_time).total_seconds(),
+            job_seconds=[(child.end_time - child.created).total_seconds() for child in children
+                         if child.end_time and child.created],
+            start_seconds=[(execute.start_time - created[execute.flow_run_id]).total_seconds()
+                           for execute in executes if execute.start_time and created.get(execute.flow_run_id)],
+            callbacks_sum=sum(callback_seconds.values()),
+            critical_path=_longest_path(jobs, callback_seconds),
+        )
+
+
+@dataclass(frozen=True)
+class SessionSample:
+    """One session run: its makespan, each job run's created-to-ended time, and its callbacks' own time."""
+
+    trigger_to_end: float
+    run_seconds: float
+    job_seconds: list[float]
+    start_seconds: list[float]
+    callbacks_sum: float
+    critical_path: float
+
+
+def _longest_path(jobs: dict[str, JobRecord], seconds: dict[str, float]) -> float:
+    """The longest chain of dependent callbacks, each counted with its execute task's own duration."""
+    finish: dict[str, float] = {}
+
+    def finished_after(job_id: str) -> float:
+        if job_id not in finish:
+            before = [finished_after(str(dependency)) for dependency in jobs[job_id].depends_on if dependency in jobs]
+            finish[job_id] = max(before, default=0.0) + seconds.get(job_id, 0.0)
+        return finish[job_id]
+
+    return max((finished_after(job_id) for job_id in jobs), default=0.0)
+
+
+def repeat(name: str, times: int, measure: Callable[[], float]) -> Figure:
+    figure = Figure(name)
+    for _ in range(times):
+        figure.samples.append(measure())
+    print(f"  {name}: median {figure.median:.3f} s of {figure.samples}", flush=True)
+    return figure
+
+
+def deploy_stock_flow() -> None:
+    """Deploy the stock one-task flow onto the process pool, as a user of plain Prefect would."""
+    one_task_flow.from_source(source=str(PROJECT_DIR), entrypoint="bench/overhead.py:one_task_flow").deploy(
+        name="stock", work_pool_name=PROCESS_POOL, print_next_steps=False,
+    )
+
+
+def measure(bench: Bench, repeats: int, baseline_repeats: int, session_sizes: list[int]) -> str:
+    """Run every measurement; return the markdown section."""
+    raw = repeat("callback as a raw subprocess", repeats * 2, bench.raw_callback)
+    deployment = [bench.deployment_job() for _ in range(repeats)]
+    start = Figure("trigger to callback start, `submit_job` (dcm-job)", [sample[0] for sample in deployment])
+    job_run = Figure("dcm-job deployment run, flow run duration", [sample[1] for sample in deployment])
+    job_total = Figure("dcm-job deployment run, trigger to end", [sample[2] for sample in deployment])
+    stock = repeat("trigger to task start, stock one-task flow", repeats, bench.stock_start)
+    rows = [raw.row(), job_run.row(raw), job_total.row(raw), stock.row(), start.row(stock)]
+    sessions: list[str] = []
+    sampler = MemorySampler(bench.worker_pid)
+    sampler.start()
+    for size in session_sizes:
+        series = (size - 2) // 2
+        for jobs_in_session, label in ((False, "each job on the worker"), (True, "jobs in the session's process")):
+            runs = repeats if jobs_in_session else baseline_repeats
+            samples = [bench.session_run(series, jobs_in_session) for _ in range(runs)]
+            makespan = Figure(f"{size} jobs, {label}: trigger to end", [sample.trigger_to_end for sample in samples])
+            run = Figure(f"{size} jobs, {label}: session run, start to end", [sample.run_seconds for sample in samples])
+            critical = Figure(f"{size} jobs, {label}: critical path of callbacks",
+                              [sample.critical_path for sample in samples])
+            callbacks = Figure(f"{size} jobs, {label}: callbacks' sum", [sample.callbacks_sum for sample in samples])
+            per_job = Figure(f"session of {size} jobs, {label}: one job run, created to ended",
+                             [seconds for sample in samples for seconds in sample.job_seconds])
+            print(f"  {run.name}: median {run.median:.1f} s, critical path {critical.median:.1f} s", flush=True)
+            sessions += [makespan.row(), run.row(critical), critical.row(), callbacks.row(),
+                         f"| {size} jobs, {label}: throughput | {size / run.median * 60:.0f} jobs/min | | | | |"]
+            to_start = Figure(f"session of {size} jobs, {label}: job run created to callback start",
+                              [seconds for sample in samples for seconds in sample.start_seconds])
+            rows += [per_job.row(raw), to_start.row()]
+    sampler.stopped.set()
+    sampler.join()
+    header = "| | median s | min s | max s | runs | against |\n|---|---|---|---|---|---|\n"
+    return (
+        "<!-- overhead -->\n## Per-job overhead (`make bench`)\n\n"
+        "bench/overhead.py on the embedded stack (SecantusDB, Prefect server on SQLite, one process worker), "
+        "a trivial callback (it appends one line to a file). Ratios are against the raw subprocess, or for "
+        "trigger-to-start against the stock one-task flow, measured in the same run.\n\n"
+        + header + "\n".join(rows) + "\n\nWhole sessions of the platform's scheduler: pre-services, then per "
+        "series one job and a second that depends on it, then post-services. The critical path and the sum "
+        "count each callback with its execute task's duration; the session run is compared with its "
+        "critical path:\n\n" + header + "\n".join(sessions)
+        + f"\n\nMemory during the sessions: process worker peak {sampler.worker_peak:.0f} MB, flow-run processes "
+        f"below it peak {sampler.flow_runs_peak:.0f} MB summed, {sampler.processes_peak} processes at most.\n"
+        "<!-- /overhead -->"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    arguments.add_argument("--repeats", type=int, default=3)
+    arguments.add_argument("--baseline-repeats", type=int, default=1,
+                           help="runs of each session with every job on the worker (minutes each)")
+    arguments.add_argument("--sessions", type=int, nargs="*", default=[10, 50], help="session sizes, in jobs")
+    arguments.add_argument("--no-write", action="store_true", help="print the table only")
+    options = arguments.parse_args(argv)
+    stack = LocalStack(DEFAULT_HOME)
+    state = stack.start()
+    with stack.connected(state), tempfile.TemporaryDirectory() as folder:
+        deploy_stock_flow()
+        name = f"bench-{uuid.uuid4().hex[:8]}"
+        database = DcmDatabase.load(DATABASE_BLOCK).with_database_name(name)
+        database.save(name, overwrite=True)
+        try:
+            bench = Bench(database, name, Path(folder), state.processes["process-worker"])
+            section = measure(bench, options.repeats, options.baseline_repeats, options.sessions)
+        finally:
+            database.open().db.get_db().client.drop_database(name)
+    print(section)
+    if not options.no_write:
+        write_benchmarks(section, "overhead")
+        print(f"written to {BENCHMARKS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
