@@ -166,14 +166,15 @@ def markdown(report: LoadReport, series: int) -> str:
         ("wall time", f"{report.wall_seconds} s"),
         ("throughput", f"{report.jobs_per_minute} jobs/min"),
         ("process worker, peak RSS", f"{report.worker_peak_rss_mb} MB"),
-        ("flow-run processes, peak summed RSS", f"{report.flow_runs_peak_rss_mb} MB"),
-        ("flow-run processes at once, peak", report.peak_flow_run_processes),
+        ("processes below the worker (runs, callbacks), peak summed RSS", f"{report.flow_runs_peak_rss_mb} MB"),
+        ("processes below the worker at once, peak", report.peak_flow_run_processes),
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     return (
         "<!-- load -->\n## Load: concurrent sessions on one process worker\n\n"
         "`make load` (bench/load.py) on this 2-core machine, embedded stack (SecantusDB, Prefect server on "
-        "SQLite), `max_parallel_jobs` 4 per session:\n\n| | |\n|---|---|\n" + table + "\n<!-- /load -->"
+        "SQLite), at most 3 sessions at once (their queue's limit), `max_parallel_jobs` 4 per session, jobs in "
+        "the session's process:\n\n| | |\n|---|---|\n" + table + "\n<!-- /load -->"
     )
 
 

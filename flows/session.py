@@ -36,6 +36,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import StateType
 from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.states import Cancelled, Cancelling, Failed, State
 
 from blocks.database import DcmDatabase
@@ -49,6 +50,7 @@ from flows.submit import DEFAULT_DATABASE_BLOCK, job_run_name, job_tags, job_wor
 POLL_SECONDS = 1.0
 DEFAULT_MAX_PARALLEL_JOBS = 4
 CANCEL_GRACE_SECONDS = 20
+PROGRESS_SECONDS = 2.0
 SESSION_QUEUE = "sessions"
 DEFAULT_SESSIONS_AT_ONCE = 3
 
@@ -104,8 +106,8 @@ class QueueRouter:
 class SessionJobs:
     """The session's jobs in flight: child flow runs in this process, and deployment runs on workers.
 
-    A child run reports its final state from a state hook, the moment the state is set: the thread
-    that ran it still waits up to a second for the run's heartbeat thread, and the session need not.
+    A child run reports its final state from a state hook, the moment the state is set, before Prefect's
+    engine has wound the run down.
     """
 
     def __init__(self, client: SyncPrefectClient, database_block: str, max_parallel_jobs: int) -> None:
@@ -140,7 +142,9 @@ class SessionJobs:
             flow_run_name=job_run_name(job.id, job),
             on_completion=hooks, on_failure=hooks, on_cancellation=hooks, on_crashed=hooks,
         )
-        with tags(*job_tags(job)):
+        # No heartbeats of its own: the run lives and dies with this session's process, whose heartbeat
+        # and crash handling (flows/crash.py) cover it; each heartbeat is a write to the server's database.
+        with tags(*job_tags(job)), temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             return job_run(job.id, self.database_block, return_state=True)
 
     def _thread_ended(self, job_id: str, future: Future[State]) -> None:
@@ -230,18 +234,25 @@ def _record_failure(
 
 
 class SessionProgress:
-    """A progress artifact of the session run (the share of its jobs that ended), updated on change."""
+    """A progress artifact of the session run (the share of its jobs that ended).
+
+    Updated at most every PROGRESS_SECONDS, and once at the end: each update is a write to the
+    Prefect server's database, which the job runs of a large session compete for.
+    """
 
     def __init__(self, plan: SessionPlan) -> None:
         self.plan = plan
         self.shown = plan.percent_finished()
         self.artifact_id = create_progress_artifact(self.shown, description="jobs of the session that ended")
+        self.updated = time.monotonic()
 
-    def update(self) -> None:
+    def update(self, final: bool = False) -> None:
         percent = self.plan.percent_finished()
-        if percent != self.shown:
-            update_progress_artifact(self.artifact_id, percent)
-            self.shown = percent
+        if percent == self.shown or (not final and time.monotonic() - self.updated < PROGRESS_SECONDS):
+            return
+        update_progress_artifact(self.artifact_id, percent)
+        self.shown = percent
+        self.updated = time.monotonic()
 
 
 @flow(name="dcm-session", persist_result=False, log_prints=False)
@@ -305,6 +316,7 @@ def session_flow(
             with contextlib.suppress(Exception):
                 in_flight.cancel(runtime.flow_run.id)
             raise
+    progress.update(final=True)
     for job_id in plan.withheld_clean_up():
         logger.warning("post-services job %s not run: the failed session's data is kept for debugging", job_id)
     failed = plan.failed()

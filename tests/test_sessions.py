@@ -25,8 +25,9 @@ from blocks.database import DcmDatabase
 from flows.demo import schedule_stable_patient, upload_example_patient
 from flows.runtime.components import Component, register_service
 from flows.runtime.records import PRE_SERVICES_JOB, SERVICE_JOB, JobRecord, PlatformRecords
+from flows.session import DEFAULT_SESSIONS_AT_ONCE, SESSION_QUEUE
 from flows.stack import PROCESS_POOL, StackState
-from flows.submit import submit_job, submit_session
+from flows.submit import SESSION_DEPLOYMENT, submit_job, submit_session
 from tests.conftest import eventually, finished, read_logs, separate_database
 
 pytestmark = pytest.mark.integration
@@ -276,3 +277,12 @@ def test_retrying_a_failed_job_run_re_executes_the_job_and_updates_its_record(
     assert record.result["value"] == "first" and not record.in_progress
     assert any("told to fail" in log.message for log in read_logs(run_id))
     assert isinstance(records.database.get_job_by_id(record.id)["completedAt"], datetime)
+
+
+def test_sessions_run_from_a_queue_of_their_own_three_at_once(stack: StackState) -> None:
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(SESSION_DEPLOYMENT)
+        queue = client.read_work_queue_by_name(SESSION_QUEUE, work_pool_name=PROCESS_POOL)
+
+    assert deployment.work_queue_name == SESSION_QUEUE
+    assert queue.concurrency_limit == DEFAULT_SESSIONS_AT_ONCE
