@@ -31,7 +31,8 @@ screenshots: install
 load: install
 	$(BIN)/python -m bench.load
 
-# Per-job overhead, trigger to start, session makespans, side by side with their baselines; into docs/benchmarks.md.
+# Per-job overhead, trigger to start, session makespans, venv installs (pip, uv), side by side with their baselines;
+# into docs/benchmarks.md.
 bench: install
 	$(BIN)/python -m bench.overhead
 

@@ -1,4 +1,4 @@
-"""What Prefect orchestration costs per job, measured side by side on the embedded stack.
+"""What Prefect orchestration costs per job (and a venv install), measured side by side on the embedded stack.
 
 `make bench` runs a trivial callback (it appends its job id and the time it started to a file) in
 several ways, each repeated, and prints and writes into docs/benchmarks.md the median, min and max:
@@ -8,15 +8,19 @@ several ways, each repeated, and prints and writes into docs/benchmarks.md the m
 - trigger to callback start through `submit_job`, against a stock one-task flow deployed on the same pool;
 - sessions of 10 and 50 jobs (half of them independent, half depending on one of those), with jobs run
   in the session's process (the default) and, as the baseline, each job handed to the worker;
-- memory of the worker and of the flow-run processes below it.
+- memory of the worker and of the flow-run processes below it;
+- building a venv worker's environment with pip against uv, with a cold and a warm package cache.
 
-Every figure comes from records and the Prefect API, never from a sleep.
+Every figure comes from records, the Prefect API or a clock around the command, never from a sleep.
+`--parts jobs` or `--parts install` runs one half.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,11 +42,12 @@ from prefect.client.schemas.filters import (
 )
 from prefect.deployments import run_deployment
 
-from bench.load import BENCHMARKS, MemorySampler, write_benchmarks
+from bench.load import MemorySampler, write_benchmarks
 from blocks.database import DcmDatabase
 from flows.demo import schedule_stable_patient, upload_example_patient
 from flows.runtime.components import Component, register_service
 from flows.runtime.records import JobRecord, PlatformRecords
+from flows.runtime.wheelhouse import build_wheelhouse
 from flows.stack import DATABASE_BLOCK, DEFAULT_HOME, PROCESS_POOL, PROJECT_DIR, LocalStack
 from flows.submit import SESSION_DEPLOYMENT, submit_job, wait_for_run
 
@@ -289,31 +294,93 @@ def measure(bench: Bench, repeats: int, baseline_repeats: int, session_sizes: li
     )
 
 
+INSTALL_PACKAGES = ["dcm-processor-service", "nibabel", "dcm2niix"]
+"""A venv worker with a few real packages: the service helpers (pydicom, numpy, pymongo...), NIfTI, dcm2niix."""
+
+
+def environment_build(wheelhouse: Path, folder: Path, installer: str, cache: Path) -> float:
+    """Seconds to build a venv worker's environment the way VenvWorker.install does (virtualenv, then
+    the packages from the host's wheelhouse), with `installer` and the package cache `cache`."""
+    venv = folder / f"venv-{uuid.uuid4().hex[:8]}"
+    sources = ["--no-index", "--find-links", str(wheelhouse)]
+    python = venv / "bin" / "python"
+    if installer == "uv":
+        install = [sys.executable, "-m", "uv", "pip", "install", "--quiet", "--python", str(python),
+                   "--cache-dir", str(cache), *sources, *INSTALL_PACKAGES]
+    else:
+        install = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                   "--cache-dir", str(cache), *sources, *INSTALL_PACKAGES]
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "virtualenv", "--quiet", str(venv)], check=True)
+    subprocess.run(install, check=True)
+    elapsed = time.perf_counter() - started
+    shutil.rmtree(venv)
+    return elapsed
+
+
+def _build_with_a_new_cache(wheelhouse: Path, folder: Path, installer: str) -> float:
+    return environment_build(wheelhouse, folder, installer, folder / f"cache-{uuid.uuid4().hex[:8]}")
+
+
+def measure_installs(wheelhouse: Path, folder: Path, repeats: int) -> str:
+    """pip against uv, each with a cold cache (a new one per build) and a warm one (primed once)."""
+    rows = []
+    for installer in ("pip", "uv"):
+        cold = repeat(f"venv worker environment, {installer}, cold cache", repeats,
+                      functools.partial(_build_with_a_new_cache, wheelhouse, folder, installer))
+        warm_cache = folder / f"warm-{installer}"
+        environment_build(wheelhouse, folder, installer, warm_cache)
+        warm = repeat(f"venv worker environment, {installer}, warm cache", repeats,
+                      functools.partial(environment_build, wheelhouse, folder, installer, warm_cache))
+        rows += [cold, warm]
+    pip_cold = rows[0]
+    table = "\n".join(figure.row(pip_cold) for figure in rows)
+    return (
+        "<!-- install -->\n## Installing a venv worker (`make bench`)\n\n"
+        f"virtualenv, then {', '.join(INSTALL_PACKAGES)} and their dependencies from the local wheelhouse "
+        "(`--no-index`), as `dcm-install-component` builds a venv worker; ratios against pip with a cold "
+        "cache, measured in the same run.\n\n| | median s | min s | max s | runs | against |\n"
+        "|---|---|---|---|---|---|\n" + table + "\n<!-- /install -->"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     arguments.add_argument("--repeats", type=int, default=3)
     arguments.add_argument("--baseline-repeats", type=int, default=1,
                            help="runs of each session with every job on the worker (minutes each)")
     arguments.add_argument("--sessions", type=int, nargs="*", default=[10, 50], help="session sizes, in jobs")
-    arguments.add_argument("--no-write", action="store_true", help="print the table only")
+    arguments.add_argument("--parts", nargs="*", choices=["jobs", "install"], default=["jobs", "install"])
+    arguments.add_argument("--no-write", action="store_true", help="print the tables only")
     options = arguments.parse_args(argv)
+    sections = {}
+    with tempfile.TemporaryDirectory() as folder:
+        if "install" in options.parts:
+            wheelhouse = build_wheelhouse(DEFAULT_HOME / "wheelhouse")
+            sections["install"] = measure_installs(wheelhouse, Path(folder), options.repeats)
+        if "jobs" in options.parts:
+            sections["overhead"] = measure_jobs(options, Path(folder))
+    for marker, section in sections.items():
+        print(section)
+        if not options.no_write:
+            write_benchmarks(section, marker)
+    return 0
+
+
+def measure_jobs(options: argparse.Namespace, folder: Path) -> str:
+    """The job, trigger and session figures, on the embedded stack and a database of the bench's own."""
     stack = LocalStack(DEFAULT_HOME)
     state = stack.start()
-    with stack.connected(state), tempfile.TemporaryDirectory() as folder:
+    with stack.connected(state):
         deploy_stock_flow()
         name = f"bench-{uuid.uuid4().hex[:8]}"
         database = DcmDatabase.load(DATABASE_BLOCK).with_database_name(name)
         database.save(name, overwrite=True)
         try:
-            bench = Bench(database, name, Path(folder), state.processes["process-worker"])
-            section = measure(bench, options.repeats, options.baseline_repeats, options.sessions)
+            bench = Bench(database, name, folder, state.processes["process-worker"])
+            return measure(bench, options.repeats, options.baseline_repeats, options.sessions)
         finally:
             database.open().db.get_db().client.drop_database(name)
-    print(section)
-    if not options.no_write:
-        write_benchmarks(section, "overhead")
-        print(f"written to {BENCHMARKS}")
-    return 0
 
 
 if __name__ == "__main__":

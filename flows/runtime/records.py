@@ -325,7 +325,8 @@ class PlatformRecords:
         The session's oldest job keeps the id of the run that holds the session (`sessionFlowRunId`;
         jobs outlive the session document, which post-services deletes). A holder whose run has ended
         (`run_has_ended`) is replaced by a compare-and-swap, so a retried or resubmitted session runs
-        again, but two live runs never run the same session.
+        again, but two live runs never run the same session, and a session whose jobs are all done is
+        not taken over by another run.
         """
         jobs = self.database.db
         anchor = jobs.find_one(JOBS, {"query": self._of_session(session_id), "select": ["_id", SESSION_HOLDER],
@@ -339,6 +340,8 @@ class PlatformRecords:
             return
         holder = str(jobs.find_one(JOBS, {"query": {"_id": anchor["_id"]}, "select": [SESSION_HOLDER]})[SESSION_HOLDER])
         if run_has_ended(holder):
+            if jobs.count(JOBS, {"query": {**self._of_session(session_id), "done": {"$ne": True}}}) == 0:
+                raise AlreadyClaimed(f"session {session_id} is already done: flow run {holder} ran it")
             swapped = jobs.find_one_and_update(
                 JOBS, {"$set": {SESSION_HOLDER: flow_run_id}}, {"query": {"_id": anchor["_id"], SESSION_HOLDER: holder}}
             )
