@@ -113,7 +113,7 @@ class SessionJobs:
     def __init__(self, client: SyncPrefectClient, database_block: str, max_parallel_jobs: int) -> None:
         self.client = client
         self.database_block = database_block
-        # Twice the slots: a finished run's thread lingers for its heartbeat while the next job starts.
+        # Twice the slots: a reported run's thread still winds the run down while the next job starts.
         self.threads = ThreadPoolExecutor(max_workers=2 * max_parallel_jobs, thread_name_prefix="dcm-job")
         self.here: set[str] = set()
         self.threads_running: set[Future[State]] = set()

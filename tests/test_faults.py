@@ -111,25 +111,18 @@ def test_submitting_a_job_that_is_done_runs_nothing(platform: Platform, tmp_path
     assert len(calls(tmp_path)) == 1
 
 
-def test_the_same_session_submitted_twice_at_once_runs_each_job_once(platform: Platform, tmp_path: Path) -> None:
+def test_the_same_session_submitted_twice_at_once_runs_each_job_once_and_once_done_runs_nothing(
+    platform: Platform, tmp_path: Path
+) -> None:
     session_id = platform.session()
     counting_job(platform, tmp_path, sleep=1, session_id=session_id)
 
     runs = [finished(run_id, timeout=300) for run_id in at_once(submit_session, session_id)]
+    again = finished(submit_session(session_id), timeout=300)
 
     assert sorted(run.state.name for run in runs) == ["Completed", "Duplicate"]
     duplicate = next(run for run in runs if run.state.name == "Duplicate")
     assert "already being run by flow run" in duplicate.state.message or "already done" in duplicate.state.message
-    assert len(calls(tmp_path)) == 1
-
-
-def test_submitting_a_session_that_is_done_runs_nothing(platform: Platform, tmp_path: Path) -> None:
-    session_id = platform.session()
-    counting_job(platform, tmp_path, sleep=0, session_id=session_id)
-    assert finished(submit_session(session_id), timeout=300).state.is_completed()
-
-    again = finished(submit_session(session_id), timeout=300)
-
     assert again.state.name == "Duplicate" and "already done" in again.state.message
     assert len(calls(tmp_path)) == 1
 
