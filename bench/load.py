@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.components import service_component
 from blocks.database import DcmDatabase
 from flows.demo import schedule_stable_patient, upload_example_patient
 from flows.runtime.components import Component, register_service
@@ -60,15 +61,9 @@ class LoadReport:
 
 def trivial_component(folder: Path, marker: Path) -> Component:
     """A service whose one series job appends its job id to `marker`."""
-    (folder / "module").mkdir(parents=True)
-    (folder / "registry").mkdir()
-    (folder / "module" / "__init__.py").write_text(TRIVIAL_SERVICE)
-    (folder / "registry" / "__init__.py").write_text("def accept(**kwargs):\n    return True, {}\n")
-    manifest = {"name": "load-touch", "version": "1.0.0", "service": {"module": "module", "registry": "registry",
-                "jobs": [{"jobName": "touch", "workerEntry": "touch", "registryEntry": "accept",
-                          "events": ["stable-series"], "params": {"marker": str(marker)}}]}}
-    (folder / "dcm-processor.json").write_text(json.dumps(manifest))
-    return Component.read(folder)
+    return service_component(folder, "load-touch", TRIVIAL_SERVICE, [
+        {"jobName": "touch", "workerEntry": "touch", "events": ["stable-series"], "params": {"marker": str(marker)}},
+    ])
 
 
 def _rss_mb(pid: int) -> float:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import shutil
 import statistics
 import subprocess
@@ -42,6 +41,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.deployments import run_deployment
 
+from bench.components import service_component
 from bench.load import MemorySampler, write_benchmarks
 from blocks.database import DcmDatabase
 from flows.demo import schedule_stable_patient, upload_example_patient
@@ -97,20 +97,11 @@ class Figure:
 
 def bench_component(folder: Path, marker: Path) -> Component:
     """One trivial job per series, and a second one per series that depends on the first."""
-    (folder / "module").mkdir(parents=True)
-    (folder / "registry").mkdir()
-    (folder / "module" / "__init__.py").write_text(TRIVIAL_SERVICE)
-    (folder / "registry" / "__init__.py").write_text("def accept(**kwargs):\n    return True, {}\n")
-    jobs = [
-        {"jobName": "first", "workerEntry": "touch", "registryEntry": "accept", "events": ["stable-series"],
-         "params": {"marker": str(marker)}},
-        {"jobName": "second", "workerEntry": "touch", "registryEntry": "accept", "events": ["stable-series"],
-         "params": {"marker": str(marker)}, "dependsOn": "first"},
-    ]
-    manifest = {"name": "bench-touch", "version": "1.0.0",
-                "service": {"module": "module", "registry": "registry", "jobs": jobs}}
-    (folder / "dcm-processor.json").write_text(json.dumps(manifest))
-    return Component.read(folder)
+    return service_component(folder, "bench-touch", TRIVIAL_SERVICE, [
+        {"jobName": "first", "workerEntry": "touch", "events": ["stable-series"], "params": {"marker": str(marker)}},
+        {"jobName": "second", "workerEntry": "touch", "events": ["stable-series"], "params": {"marker": str(marker)},
+         "dependsOn": "first"},
+    ])
 
 
 def starts(marker: Path) -> dict[str, float]:

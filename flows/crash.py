@@ -18,12 +18,6 @@ from uuid import UUID
 from prefect import flow, get_run_logger
 from prefect.automations import Automation
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.filters import (
-    FlowRunFilter,
-    FlowRunFilterParentFlowRunId,
-    FlowRunFilterState,
-    FlowRunFilterStateType,
-)
 from prefect.client.schemas.objects import StateType
 from prefect.events.actions import ChangeFlowRunState, RunDeployment
 from prefect.events.schemas.automations import EventTrigger, Posture
@@ -34,6 +28,7 @@ from prefect.states import Crashed
 from blocks.database import DcmDatabase
 from flows.runtime.environment import HEARTBEAT_SECONDS
 from flows.runtime.records import PlatformRecords
+from flows.session import unfinished_job_runs
 
 RECORD_CRASH_DEPLOYMENT = "dcm-record-crash/process"
 MISSED_HEARTBEATS_SECONDS = 2 * HEARTBEAT_SECONDS + 15
@@ -71,11 +66,7 @@ def record_crash_flow(flow_run_id: str) -> str:
 def _crash_job_runs_of(client: SyncPrefectClient, session_run_id: UUID) -> str:
     """Set Crashed every child run of a crashed session that has not ended (the ones on workers
     have their own process and end on their own, so only runs without a deployment are touched)."""
-    children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[session_run_id]),
-        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])),
-    ))
-    in_session = [child for child in children if child.deployment_id is None]
+    in_session = [child for child in unfinished_job_runs(client, session_run_id) if child.deployment_id is None]
     for child in in_session:
         client.set_flow_run_state(child.id, Crashed(
             message=f"its session's flow run {session_run_id} crashed, and the job ran in that run's process"

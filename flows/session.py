@@ -34,7 +34,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterState,
     FlowRunFilterStateType,
 )
-from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.states import Cancelled, Cancelling, Failed, State
@@ -186,18 +186,22 @@ class SessionJobs:
     def cancel(self, session_run_id: UUID) -> None:
         """Ask every running child run to stop (each records its job as cancelled), then give the
         ones in this process a moment to do so."""
-        running = self.client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[session_run_id]),
-            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[
-                StateType.PENDING, StateType.RUNNING, StateType.SCHEDULED
-            ])),
-        ))
-        for child in running:
+        for child in unfinished_job_runs(self.client, session_run_id):
             self.client.set_flow_run_state(child.id, Cancelling(message="its session ended"), force=True)
         with self._lock:
             still_running = list(self.threads_running)
         wait(still_running, timeout=CANCEL_GRACE_SECONDS)
         self.threads.shutdown(wait=False, cancel_futures=True)
+
+
+def unfinished_job_runs(client: SyncPrefectClient, session_run_id: UUID) -> list[FlowRun]:
+    """The child runs of a session run that have not ended (scheduled, pending or running)."""
+    return client.read_flow_runs(flow_run_filter=FlowRunFilter(
+        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[session_run_id]),
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[
+            StateType.PENDING, StateType.RUNNING, StateType.SCHEDULED
+        ])),
+    ))
 
 
 def _final_runs(client: SyncPrefectClient, flow_run_ids: list[UUID]) -> list[Any]:

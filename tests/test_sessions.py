@@ -7,7 +7,6 @@ the scheduler sees only the services the test registers.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlo
 from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import ObjectAlreadyExists
 
+from bench.components import service_component
 from blocks.database import DcmDatabase
 from flows.demo import schedule_stable_patient, upload_example_patient
 from flows.runtime.components import Component, register_service
@@ -59,10 +59,6 @@ def patient_second(session_id, job_name, headers, params, added_params, **kwargs
 
 
 def graph_component(folder: Path, fail_marker: Path) -> Component:
-    (folder / "module").mkdir(parents=True)
-    (folder / "registry").mkdir()
-    (folder / "module" / "__init__.py").write_text(GRAPH_SERVICE)
-    (folder / "registry" / "__init__.py").write_text("def accept(**kwargs):\n    return True, {}\n")
     jobs = [
         {"jobName": "count", "workerEntry": "count_instances", "events": ["stable-series"]},
         {"jobName": "study", "workerEntry": "study_note", "events": ["stable-study"]},
@@ -70,12 +66,7 @@ def graph_component(folder: Path, fail_marker: Path) -> Component:
          "params": {"fail_marker": str(fail_marker)}},
         {"jobName": "second", "workerEntry": "patient_second", "events": ["stable-patient"], "dependsOn": "first"},
     ]
-    for job in jobs:
-        job.update(registryEntry="accept", timeout="5m")
-    manifest = {"name": "graph", "version": "1.0.0", "service": {"module": "module", "registry": "registry",
-                                                                   "jobs": jobs}}
-    (folder / "dcm-processor.json").write_text(json.dumps(manifest))
-    return Component.read(folder)
+    return service_component(folder, "graph", GRAPH_SERVICE, [{**job, "timeout": "5m"} for job in jobs])
 
 
 @pytest.fixture

@@ -1,0 +1,25 @@
+"""Service-only components written to a folder, for the benchmarks and the tests that schedule them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from flows.runtime.components import MANIFEST, Component
+
+ACCEPT_EVERYTHING = "def accept(**kwargs):\n    return True, {}\n"
+
+
+def service_component(folder: Path, name: str, module_source: str, jobs: list[dict[str, Any]]) -> Component:
+    """A component folder with a service module, a registry that accepts every object, and `jobs`
+    (manifest entries; `registryEntry` defaults to the accepting one)."""
+    (folder / "module").mkdir(parents=True)
+    (folder / "registry").mkdir()
+    (folder / "module" / "__init__.py").write_text(module_source)
+    (folder / "registry" / "__init__.py").write_text(ACCEPT_EVERYTHING)
+    manifest = {"name": name, "version": "1.0.0", "service": {
+        "module": "module", "registry": "registry", "jobs": [{"registryEntry": "accept", **job} for job in jobs],
+    }}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    return Component.read(folder)
