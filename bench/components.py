@@ -11,15 +11,29 @@ from flows.runtime.components import MANIFEST, Component
 ACCEPT_EVERYTHING = "def accept(**kwargs):\n    return True, {}\n"
 
 
-def service_component(folder: Path, name: str, module_source: str, jobs: list[dict[str, Any]]) -> Component:
+def service_component(
+    folder: Path, name: str, module_source: str, jobs: list[dict[str, Any]],
+    docker_worker: dict[str, str] | None = None,
+) -> Component:
     """A component folder with a service module, a registry that accepts every object, and `jobs`
-    (manifest entries; `registryEntry` defaults to the accepting one)."""
+    (manifest entries; `registryEntry` defaults to the accepting one).
+
+    `docker_worker` (file name to text: a Dockerfile and settings.json) adds a docker worker of the
+    component's name, which the jobs then name.
+    """
     (folder / "module").mkdir(parents=True)
     (folder / "registry").mkdir()
     (folder / "module" / "__init__.py").write_text(module_source)
     (folder / "registry" / "__init__.py").write_text(ACCEPT_EVERYTHING)
-    manifest = {"name": name, "version": "1.0.0", "service": {
+    manifest: dict[str, Any] = {"name": name, "version": "1.0.0", "service": {
         "module": "module", "registry": "registry", "jobs": [{"registryEntry": "accept", **job} for job in jobs],
     }}
+    if docker_worker is not None:
+        (folder / "worker").mkdir()
+        for file_name, text in docker_worker.items():
+            (folder / "worker" / file_name).write_text(text)
+        manifest["worker"] = {"path": "worker", "type": "docker"}
+        for job in manifest["service"]["jobs"]:
+            job["worker"] = name
     (folder / MANIFEST).write_text(json.dumps(manifest))
     return Component.read(folder)

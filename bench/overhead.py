@@ -9,10 +9,11 @@ several ways, each repeated, and prints and writes into docs/benchmarks.md the m
 - sessions of 10 and 50 jobs (half of them independent, half depending on one of those), with jobs run
   in the session's process (the default) and, as the baseline, each job handed to the worker;
 - memory of the worker and of the flow-run processes below it;
-- building a venv worker's environment with pip against uv, with a cold and a warm package cache.
+- building a venv worker's environment with pip against uv, with a cold and a warm package cache;
+- a docker job against a raw `docker run` of the same image (bench/containers.py).
 
 Every figure comes from records, the Prefect API or a clock around the command, never from a sleep.
-`--parts jobs` or `--parts install` runs one half.
+`--parts jobs`, `--parts install` or `--parts docker` runs one part.
 """
 
 from __future__ import annotations
@@ -42,13 +43,14 @@ from prefect.client.schemas.filters import (
 from prefect.deployments import run_deployment
 
 from bench.components import service_component
+from bench.containers import ContainerBench
 from bench.load import MemorySampler, write_benchmarks
 from blocks.database import DcmDatabase
 from flows.demo import schedule_stable_patient, upload_example_patient
 from flows.runtime.components import Component, register_service
 from flows.runtime.records import JobRecord, PlatformRecords
 from flows.runtime.wheelhouse import build_wheelhouse
-from flows.stack import DATABASE_BLOCK, DEFAULT_HOME, PROCESS_POOL, PROJECT_DIR, LocalStack
+from flows.stack import DATABASE_BLOCK, DEFAULT_HOME, PROCESS_POOL, PROJECT_DIR, LocalStack, docker_engine_answers
 from flows.submit import SESSION_DEPLOYMENT, submit_job, wait_for_run
 
 STOCK_DEPLOYMENT = "bench-one-task/stock"
@@ -341,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     arguments.add_argument("--baseline-repeats", type=int, default=1,
                            help="runs of each session with every job on the worker (minutes each)")
     arguments.add_argument("--sessions", type=int, nargs="*", default=[10, 50], help="session sizes, in jobs")
-    arguments.add_argument("--parts", nargs="*", choices=["jobs", "install"], default=["jobs", "install"])
+    arguments.add_argument("--parts", nargs="*", choices=["jobs", "install", "docker"],
+                           default=["jobs", "install", "docker"])
     arguments.add_argument("--no-write", action="store_true", help="print the tables only")
     options = arguments.parse_args(argv)
     sections = {}
@@ -351,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
             sections["install"] = measure_installs(wheelhouse, Path(folder), options.repeats)
         if "jobs" in options.parts:
             sections["overhead"] = measure_jobs(options, Path(folder))
+        if "docker" in options.parts:
+            if docker_engine_answers():
+                sections["docker"] = measure_docker_jobs(options.repeats, Path(folder) / "container")
+            else:
+                print("no Docker engine answers: the docker part is not measured (.ci/docker-engine.sh starts one)")
     for marker, section in sections.items():
         print(section)
         if not options.no_write:
@@ -372,6 +380,36 @@ def measure_jobs(options: argparse.Namespace, folder: Path) -> str:
             return measure(bench, options.repeats, options.baseline_repeats, options.sessions)
         finally:
             database.open().db.get_db().client.drop_database(name)
+
+
+def measure_docker_jobs(repeats: int, folder: Path) -> str:
+    """A docker job through `submit_job` against a raw `docker run` of its image, on the embedded stack."""
+    stack = LocalStack(DEFAULT_HOME)
+    with stack.connected(stack.start()):
+        bench = ContainerBench(folder)
+        image = bench.install()
+        try:
+            raw = [bench.raw_run(image) for _ in range(repeats * 2)]
+            jobs = [bench.job() for _ in range(repeats)]
+        finally:
+            bench.remove()
+    raw_start = Figure("raw `docker run`, trigger to callback start", [sample[0] for sample in raw])
+    raw_end = Figure("raw `docker run`, trigger to exit", [sample[1] for sample in raw])
+    start = Figure("docker job, trigger to callback start (`submit_job`)", [sample[0] for sample in jobs])
+    run = Figure("docker job, flow run duration (in the container)", [sample[1] for sample in jobs])
+    end = Figure("docker job, trigger to end", [sample[2] for sample in jobs])
+    for figure in (raw_start, raw_end, start, run, end):
+        print(f"  {figure.name}: median {figure.median:.3f} s of {figure.samples}", flush=True)
+    return (
+        "<!-- docker -->\n## Docker jobs (`make bench`)\n\n"
+        "The same trivial callback (it returns the time it started) in the same image (the worker image the "
+        "installer built, with the runtime layer), as a `dcm-job` run on the `dcm-docker` pool (the prefect-docker "
+        "worker starts one container per job, whose flow run does pre-service, execute and post-service) and as "
+        "`docker run --rm` of that image with the service module mounted. Ratios against the raw run, measured "
+        "in the same run.\n\n| | median s | min s | max s | runs | against |\n|---|---|---|---|---|---|\n"
+        + "\n".join([raw_start.row(), raw_end.row(), start.row(raw_start), run.row(raw_end), end.row(raw_end)])
+        + "\n<!-- /docker -->"
+    )
 
 
 if __name__ == "__main__":

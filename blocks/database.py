@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from dcm_processor_db_provider import DBManager
@@ -21,6 +24,7 @@ ENVIRONMENT_NAME = "DCM_DB_NAME"
 
 _managers: dict[tuple[str, str, str], DBManager] = {}
 _managers_lock = threading.Lock()
+_resolved_here: ContextVar[dict[str, DcmDatabase] | None] = ContextVar("dcm_resolved_databases", default=None)
 
 
 def with_server_wait(url: str, seconds: float) -> str:
@@ -105,8 +109,28 @@ class DcmDatabase(Block):
 
     @classmethod
     def resolve(cls, block_name: str) -> DcmDatabase:
-        """The saved block called `block_name`, or the environment's database when no such block exists."""
+        """The saved block called `block_name`, or the environment's database when no such block exists.
+
+        Inside `resolved_once()` each name is read from the Prefect API once, not once per caller.
+        """
+        resolved = _resolved_here.get()
+        if resolved is not None and block_name in resolved:
+            return resolved[block_name]
         try:
-            return cls.load(block_name)
+            database = cls.load(block_name)
         except ValueError:
-            return cls.from_environment()
+            database = cls.from_environment()
+        if resolved is not None:
+            resolved[block_name] = database
+        return database
+
+
+@contextmanager
+def resolved_once() -> Iterator[None]:
+    """Share resolved database blocks with everything run in this context, threads started from a copy of
+    it included: a session run and the job runs in its process read the block once, not once per job."""
+    token = _resolved_here.set({})
+    try:
+        yield
+    finally:
+        _resolved_here.reset(token)

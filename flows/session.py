@@ -39,7 +39,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.states import Cancelled, Cancelling, Failed, State
 
-from blocks.database import DcmDatabase
+from blocks.database import DcmDatabase, resolved_once
 from flows.job import job_flow
 from flows.runtime.errors import AlreadyClaimed, JobError
 from flows.runtime.records import JobRecord, PlatformRecords
@@ -278,6 +278,14 @@ def session_flow(
         jobs_in_session: run jobs that no work queue claims as child flow runs in this session's
             process; False hands every job to a worker as a deployment run.
     """
+    with resolved_once():
+        return _run_session(session_id, database_block, max_parallel_jobs, keep_failed_session_data, jobs_in_session)
+
+
+def _run_session(
+    session_id: str, database_block: str, max_parallel_jobs: int, keep_failed_session_data: bool,
+    jobs_in_session: bool,
+) -> Any:
     logger = get_run_logger()
     records = PlatformRecords(DcmDatabase.resolve(database_block).open())
     try:

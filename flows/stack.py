@@ -220,7 +220,10 @@ class LocalStack:
     def start_workers(self, state: StackState) -> None:
         """Start the workers that are not running (all of them on a fresh stack), as a service manager
         would restart a worker that died."""
-        worker_environment = {**self._prefect_environment(state.api_url), **state.environment()}
+        worker_environment = {
+            **self._prefect_environment(state.api_url), **state.environment(),
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)]),
+        }
         pools = {"process-worker": (PROCESS_POOL, "process")}
         if docker_engine_answers():
             pools["docker-worker"] = (DOCKER_POOL, "docker")

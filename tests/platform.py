@@ -55,6 +55,15 @@ def parent_of(pid: int) -> int:
         return int(stat.read().rsplit(")", 1)[1].split()[1])
 
 
+def job_folder_of(callback_pid: int) -> Path:
+    """The job's temporary folder, from a running callback's command line: `python -u <folder>/calls/<call>/<file>`."""
+    with open(f"/proc/{callback_pid}/cmdline") as cmdline:
+        wrapper = Path(cmdline.read().split("\0")[-2])
+    folder = wrapper.parents[2]
+    assert folder.name.startswith("dcm-job-"), folder
+    return folder
+
+
 @dataclass
 class Platform:
     """Creates platform records in one database for a test."""

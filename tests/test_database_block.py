@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextvars
+import threading
+import uuid
+
 import pytest
 from pydantic import SecretStr
 
-from blocks.database import DatabaseNotConfigured, DcmDatabase, with_server_wait
+from blocks.database import DatabaseNotConfigured, DcmDatabase, resolved_once, with_server_wait
 from flows.stack import StackState
 
 
@@ -35,6 +39,24 @@ def test_without_block_or_environment_the_error_says_what_to_configure(
 
     with pytest.raises(DatabaseNotConfigured, match="DCM_DB_URL"):
         DcmDatabase.resolve("no-such-block")
+
+
+def test_a_session_and_the_jobs_in_its_threads_read_a_block_once_and_later_runs_see_its_changes(
+    stack: StackState, database: DcmDatabase
+) -> None:
+    name = f"resolved-once-{uuid.uuid4().hex[:8]}"
+    database.save(name)
+    in_thread: list[DcmDatabase] = []
+    with resolved_once():
+        first = DcmDatabase.resolve(name)
+        database.with_database_name("renamed").save(name, overwrite=True)
+        worker = threading.Thread(target=contextvars.copy_context().run,
+                                  args=(lambda: in_thread.append(DcmDatabase.resolve(name)),))
+        worker.start()
+        worker.join()
+
+    assert in_thread[0] is first and first.database_name == database.database_name
+    assert DcmDatabase.resolve(name).database_name == "renamed"
 
 
 def test_operations_wait_five_seconds_for_a_server_unless_the_url_says_otherwise() -> None:

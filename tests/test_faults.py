@@ -26,7 +26,7 @@ from flows.crash import MISSED_HEARTBEATS_SECONDS
 from flows.stack import LocalStack, StackState
 from flows.submit import submit_job, submit_session
 from tests.conftest import eventually, finished, read_flow_run, separate_database
-from tests.platform import Platform, parent_of, process_alive, zip_files
+from tests.platform import Platform, job_folder_of, parent_of, process_alive, zip_files
 
 pytestmark = pytest.mark.integration
 
@@ -247,10 +247,12 @@ def test_a_killed_flow_run_process_is_crashed_by_its_worker_and_recorded_on_the_
     job_id, pid_file = platform.sleeper_job(tmp_path)
     flow_run_id = submit_job(job_id)
     callback = running_callback(pid_file)
+    job_folder = job_folder_of(callback)
 
     os.kill(parent_of(callback), signal.SIGKILL)
 
     eventually(lambda: not process_alive(callback), timeout=15)
+    eventually(lambda: not job_folder.exists(), timeout=15)
     assert finished(flow_run_id, timeout=60).state.is_crashed()
     record = eventually(lambda: (job := platform.job(job_id))["error"] and job, timeout=90)
     assert f"flow run {flow_run_id} crashed" in record["errorMessage"]
@@ -268,11 +270,13 @@ def test_a_job_whose_process_and_worker_are_killed_is_crashed_in_time_and_its_se
     callback = running_callback(pid_file)
     job_run_id = platform.job(job_id)["flowRunId"]
     worker = stack.processes["process-worker"]
+    job_folder = job_folder_of(callback)
 
     os.kill(worker, signal.SIGKILL)
     os.kill(parent_of(callback), signal.SIGKILL)
     killed = time.monotonic()
     eventually(lambda: not process_alive(callback), timeout=15)
+    eventually(lambda: not job_folder.exists(), timeout=15)
     local_stack.start_workers(stack)  # as a service manager restarts a worker that died
 
     crashed = eventually(lambda: (run := read_flow_run(job_run_id)).state.is_crashed() and run,
@@ -298,10 +302,12 @@ def test_a_killed_session_process_crashes_the_job_runs_inside_it_and_a_retry_fin
     job_run_id = platform.job(job_id)["flowRunId"]
     session_process = parent_of(callback)
     assert parent_of(session_process) == stack.processes["process-worker"], "the job ran in the session's process"
+    job_folder = job_folder_of(callback)
 
     os.kill(session_process, signal.SIGKILL)
     killed = time.monotonic()
     eventually(lambda: not process_alive(callback), timeout=15)
+    eventually(lambda: not job_folder.exists(), timeout=15)
 
     assert finished(session_run_id, timeout=60).state.is_crashed()
     crashed = eventually(lambda: (run := read_flow_run(job_run_id)).state.is_crashed() and run, timeout=90, interval=1)

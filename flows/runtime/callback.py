@@ -37,6 +37,8 @@ class Callback:
     search_path: Sequence[str] = ()
     """Folders put in front of sys.path, as the child sees them (container paths for docker)."""
     database_provider: str = "mongodb"
+    workspace: str | None = None
+    """The job's temporary folder, which the wrapper removes if the flow run's process dies before it."""
 
     @property
     def name(self) -> str:
@@ -53,6 +55,7 @@ def write_invocation(folder: Path, callback: Callback) -> Path:
         "function": callback.function,
         "search_path": [str(path) for path in callback.search_path],
         "provider": callback.database_provider,
+        "workspace": callback.workspace,
         "args": DBManager.to_json(list(callback.args), callback.database_provider),
         "kwargs": DBManager.to_json(callback.kwargs, callback.database_provider),
     }

@@ -5,9 +5,11 @@ environment has them, to restore ObjectIds and datetimes exactly as the platform
 compatible with every Python a worker may use, so it avoids newer syntax.
 """
 
+import contextlib
 import importlib
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -18,12 +20,35 @@ FOLDER = os.path.dirname(os.path.abspath(__file__))
 PARENT_CHECK_SECONDS = 0.5
 
 
-def end_with_parent(parent):
-    """Kill this process group (the callback and whatever it started) once the flow run's process that
-    started it is gone: a crashed or killed run must not leave its callback running."""
+def end_with_parent(parent, workspace):
+    """Once the flow run's process that started this one is gone, kill this process group (the callback
+    and whatever it started) and remove the job's temporary folder: a crashed or killed run must not
+    leave its callback running, nor its files behind, and nothing else is left to clean up."""
     while os.getppid() == parent:
         time.sleep(PARENT_CHECK_SECONDS)
+    for pid in others_in_process_group():
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    if workspace:
+        shutil.rmtree(workspace, ignore_errors=True)
     os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def others_in_process_group():
+    """The other processes of this process group (Linux: from /proc; elsewhere none are known, and the
+    group is killed as a whole after the folder is removed)."""
+    group, found = os.getpgrp(), []
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        try:
+            if pid != os.getpid() and os.getpgid(pid) == group:
+                found.append(pid)
+        except OSError:
+            pass
+    return found
 
 
 def decoder(provider):
@@ -71,9 +96,10 @@ def outcome_of(invocation):
 
 
 def main():
-    threading.Thread(target=end_with_parent, args=(os.getppid(),), daemon=True).start()
+    parent = os.getppid()
     with open(os.path.join(FOLDER, "invocation.json")) as stream:
         invocation = json.load(stream)
+    threading.Thread(target=end_with_parent, args=(parent, invocation.get("workspace")), daemon=True).start()
     outcome = outcome_of(invocation)
     partial = os.path.join(FOLDER, "result.json.partial")
     with open(partial, "w") as stream:

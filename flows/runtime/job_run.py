@@ -147,6 +147,7 @@ class JobRun:
         return Callback(
             module=module, function=function, args=self.job.args, kwargs=kwargs,
             search_path=search_path, database_provider=self.records.database.dbprovider,
+            workspace=str(self.workspace),
         )
 
     def execute(self) -> Any:

@@ -205,8 +205,10 @@ FROM $WORKER_IMAGE
 USER root
 COPY wheelhouse /tmp/dcm-flows-wheelhouse
 RUN python3 -m venv {RUNTIME_VENV} \\
- && {RUNTIME_VENV}/bin/python -m pip install --no-cache-dir --no-index \\
-      --find-links /tmp/dcm-flows-wheelhouse dcm-processor-flows \\
+ && {RUNTIME_VENV}/bin/python -m pip install --quiet --no-cache-dir --no-index \\
+      --find-links /tmp/dcm-flows-wheelhouse uv \\
+ && {RUNTIME_VENV}/bin/python -m uv pip install --quiet --no-cache --compile-bytecode --no-index \\
+      --find-links /tmp/dcm-flows-wheelhouse --python {RUNTIME_VENV}/bin/python dcm-processor-flows \\
  && rm -rf /tmp/dcm-flows-wheelhouse \\
  && mkdir -p /module /session /data /tmp/prefect && chmod 1777 /module /session /data /tmp/prefect
 ENV {IN_CONTAINER_VARIABLE}=1

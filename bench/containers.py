@@ -1,0 +1,92 @@
+"""Docker job overhead: a trivial callback through `dcm-job` on the docker pool, against a raw `docker run`.
+
+Both run the same callback with the same interpreter in the same image (the worker image the installer
+built, with this runtime's layer on top): once as a job (`submit_job`, the prefect-docker worker starts a
+container whose flow run does pre-service, execute and post-service), once as `docker run --rm` of that
+image with the service module mounted. The callback returns the time it started, which the job stores
+in its record and the raw run prints, so trigger-to-callback-start needs no file shared with a container.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from bench.components import service_component
+from blocks.database import DcmDatabase
+from flows.demo import schedule_stable_patient, upload_example_patient
+from flows.runtime.records import PlatformRecords
+from flows.runtime.workers.docker import RUNTIME_VENV
+from flows.stack import DATABASE_BLOCK
+from flows.submit import submit_install, submit_job, submit_removal, wait_for_run
+
+COMPONENT = "bench-container"
+PYTHON = f"{RUNTIME_VENV}/bin/python"
+STAMP_SERVICE = '''
+import time
+
+
+def stamp(session_id, job_name, headers, params, added_params, **kwargs):
+    return time.time()
+'''
+WORKER_FILES = {
+    "Dockerfile": "FROM dcm-flows/python-base:bookworm\n",
+    "settings.json": json.dumps({"name": COMPONENT, "build": "Dockerfile", "python_path": PYTHON}),
+}
+
+
+class ContainerBench:
+    """The bench's docker component, installed through `dcm-install-component` into a database of its own."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.block = f"bench-docker-{uuid.uuid4().hex[:8]}"
+        self.database = DcmDatabase.load(DATABASE_BLOCK).with_database_name(self.block)
+        self.database.save(self.block, overwrite=True)
+        self.records = PlatformRecords(self.database.open())
+        self.patients = 0
+        service_component(folder, COMPONENT, STAMP_SERVICE, [
+            {"jobName": "stamp", "workerEntry": "stamp", "events": ["stable-series"]},
+        ], docker_worker=WORKER_FILES)
+
+    def install(self) -> str:
+        """Install the component (its image is built, the runtime layer added); return the job image."""
+        run = wait_for_run(submit_install(str(self.folder), force=True, database_block=self.block), 900)
+        assert run.state is not None and run.state.is_completed(), run.state
+        worker = self.records.find_worker(COMPONENT)
+        assert worker is not None
+        return str(worker.setting("runtime_image", str))
+
+    def remove(self) -> None:
+        wait_for_run(submit_removal(COMPONENT, database_block=self.block), 300)
+        self.database.open().db.get_db().client.drop_database(self.block)
+
+    def job(self) -> tuple[float, float, float]:
+        """One job through `submit_job`: (trigger to callback start, flow run duration, trigger to end)."""
+        self.patients += 1
+        upload_example_patient(self.database, patient_id=f"BENCH-DOCKER-{self.patients}", series=1, instances=1)
+        session_id = schedule_stable_patient(self.database, self.records)
+        job_id = next(job.id for job in self.records.session_jobs(session_id) if job.job_name == "stamp")
+        self.database.open().db.update("jobs", job_id, {"$set": {"depends_on": []}})
+        triggered = time.time()
+        run = wait_for_run(submit_job(job_id, self.block), timeout_seconds=300, poll_seconds=0.05)
+        assert run.state is not None and run.state.is_completed(), run.state
+        assert run.start_time is not None and run.end_time is not None
+        started = float(self.records.job(job_id).result)
+        return (started - triggered, (run.end_time - run.start_time).total_seconds(),
+                run.end_time.timestamp() - triggered)
+
+    def raw_run(self, image: str) -> tuple[float, float]:
+        """The callback in `docker run --rm` of the job's image: (trigger to callback start, trigger to end)."""
+        code = ("import sys; sys.path.insert(0, '/bench'); import module; "
+                "print(module.stamp(None, 'stamp', {}, {}, {}))")
+        triggered = time.time()
+        output = subprocess.run(
+            ["docker", "run", "--rm", "--network", "none", "-v", f"{self.folder / 'module'}:/bench/module:ro",
+             image, PYTHON, "-c", code], check=True, capture_output=True, text=True,
+        ).stdout
+        ended = time.time()
+        return float(output.strip().splitlines()[-1]) - triggered, ended - triggered
