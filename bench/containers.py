@@ -1,10 +1,13 @@
-"""Docker job overhead: a trivial callback through `dcm-job` on the docker pool, against a raw `docker run`.
+"""Docker jobs: a trivial callback through `dcm-job` on the docker pool against a raw `docker run`, and
+the runtime layer's build with pip against uv.
 
 Both run the same callback with the same interpreter in the same image (the worker image the installer
 built, with this runtime's layer on top): once as a job (`submit_job`, the prefect-docker worker starts a
 container whose flow run does pre-service, execute and post-service), once as `docker run --rm` of that
 image with the service module mounted. The callback returns the time it started, which the job stores
 in its record and the raw run prints, so trigger-to-callback-start needs no file shared with a container.
+The runtime layer (this project installed into a worker image) is built on the base image with Docker's
+build cache off, as the installer builds it for a new worker image.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from bench.components import service_component
 from blocks.database import DcmDatabase
 from flows.demo import schedule_stable_patient, upload_example_patient
 from flows.runtime.records import PlatformRecords
-from flows.runtime.workers.docker import RUNTIME_VENV
+from flows.runtime.workers.docker import RUNTIME_VENV, build_context, runtime_dockerfile
 from flows.stack import DATABASE_BLOCK
 from flows.submit import submit_install, submit_job, submit_removal, wait_for_run
 
 COMPONENT = "bench-container"
+BASE_IMAGE = "dcm-flows/python-base:bookworm"
 PYTHON = f"{RUNTIME_VENV}/bin/python"
 STAMP_SERVICE = '''
 import time
@@ -33,7 +37,7 @@ def stamp(session_id, job_name, headers, params, added_params, **kwargs):
     return time.time()
 '''
 WORKER_FILES = {
-    "Dockerfile": "FROM dcm-flows/python-base:bookworm\n",
+    "Dockerfile": f"FROM {BASE_IMAGE}\n",
     "settings.json": json.dumps({"name": COMPONENT, "build": "Dockerfile", "python_path": PYTHON}),
 }
 
@@ -90,3 +94,18 @@ class ContainerBench:
         ).stdout
         ended = time.time()
         return float(output.strip().splitlines()[-1]) - triggered, ended - triggered
+
+
+def runtime_layer_build(wheelhouse: Path, installer: str) -> float:
+    """Seconds to build the runtime layer on the base image with `installer`, without Docker's build cache."""
+    import docker
+
+    client = docker.from_env()
+    started = time.perf_counter()
+    image, _ = client.images.build(
+        fileobj=build_context(runtime_dockerfile(installer), wheelhouse), custom_context=True, rm=True, forcerm=True,
+        nocache=True, buildargs={"WORKER_IMAGE": BASE_IMAGE}, network_mode="none",
+    )
+    elapsed = time.perf_counter() - started
+    client.images.remove(image.id, force=True)
+    return elapsed

@@ -43,7 +43,7 @@ from prefect.client.schemas.filters import (
 from prefect.deployments import run_deployment
 
 from bench.components import service_component
-from bench.containers import ContainerBench
+from bench.containers import ContainerBench, runtime_layer_build
 from bench.load import MemorySampler, write_benchmarks
 from blocks.database import DcmDatabase
 from flows.demo import schedule_stable_patient, upload_example_patient
@@ -383,7 +383,11 @@ def measure_jobs(options: argparse.Namespace, folder: Path) -> str:
 
 
 def measure_docker_jobs(repeats: int, folder: Path) -> str:
-    """A docker job through `submit_job` against a raw `docker run` of its image, on the embedded stack."""
+    """A docker job through `submit_job` against a raw `docker run` of its image, on the embedded stack;
+    the runtime layer's build with pip and with uv."""
+    wheelhouse = build_wheelhouse(DEFAULT_HOME / "wheelhouse")
+    layers = [repeat(f"runtime layer on the base image, {installer}, no build cache", repeats,
+                     functools.partial(runtime_layer_build, wheelhouse, installer)) for installer in ("pip", "uv")]
     stack = LocalStack(DEFAULT_HOME)
     with stack.connected(stack.start()):
         bench = ContainerBench(folder)
@@ -408,7 +412,10 @@ def measure_docker_jobs(repeats: int, folder: Path) -> str:
         "`docker run --rm` of that image with the service module mounted. Ratios against the raw run, measured "
         "in the same run.\n\n| | median s | min s | max s | runs | against |\n|---|---|---|---|---|---|\n"
         + "\n".join([raw_start.row(), raw_end.row(), start.row(raw_start), run.row(raw_end), end.row(raw_end)])
-        + "\n<!-- /docker -->"
+        + "\n\nThe runtime layer (this project and its dependencies from the wheelhouse, into the image's own venv), "
+        "built on the base image without Docker's build cache; ratio against pip:\n\n"
+        "| | median s | min s | max s | runs | against |\n|---|---|---|---|---|---|\n"
+        + "\n".join([layers[0].row(), layers[1].row(layers[0])]) + "\n<!-- /docker -->"
     )
 
 

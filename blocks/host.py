@@ -30,7 +30,8 @@ class WorkerHost(Block):
     )
     index_url: str | None = Field(default=None, description="Package index to use instead of PyPI.")
     installer: Literal["auto", "uv", "pip"] = Field(
-        default="auto", description="`uv pip` when available (auto), or plain pip."
+        default="auto",
+        description="`uv pip` when available (auto), or plain pip; for venv workers and docker runtime layers.",
     )
 
     @classmethod

@@ -26,10 +26,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from pydantic import SecretStr
 
 from blocks.database import ENVIRONMENT_NAME, ENVIRONMENT_PROVIDER, ENVIRONMENT_URL, DcmDatabase
+from blocks.host import WorkerHost
 from flows.crash import ensure_crash_automations
 from flows.session import limit_sessions_at_once
 
@@ -236,19 +239,20 @@ class LocalStack:
         self._save(state)
 
     def configure(self, state: StackState) -> None:
-        """Register the block types, save the database block, create the pool, deploy from prefect.yaml."""
+        """Register the block types, create the pools, deploy from prefect.yaml, save the database block.
+
+        Everything but the deployments is done through the API from this process: each `prefect` command
+        is a Python process that imports Prefect first, seconds apiece.
+        """
+        with self.connected(state):
+            for block_type in (DcmDatabase, WorkerHost):
+                block_type.register_type_and_schema()
+            create_work_pools()
         environment = {**os.environ, **self._prefect_environment(state.api_url)}
-        prefect = _executable("prefect")
-        commands = [
-            [prefect, "block", "register", "-m", "blocks"],
-            [prefect, "work-pool", "create", PROCESS_POOL, "--type", "process", "--overwrite"],
-            [prefect, "work-pool", "create", DOCKER_POOL, "--type", "docker", "--overwrite"],
-            [prefect, "--no-prompt", "deploy", "--all"],
-        ]
-        for command in commands:
-            completed = subprocess.run(command, cwd=PROJECT_DIR, env=environment, capture_output=True, text=True)
-            if completed.returncode != 0:
-                raise StackError(f"`{' '.join(command[1:])}` failed:\n{completed.stdout}\n{completed.stderr}")
+        command = [_executable("prefect"), "--no-prompt", "deploy", "--all"]
+        completed = subprocess.run(command, cwd=PROJECT_DIR, env=environment, capture_output=True, text=True)
+        if completed.returncode != 0:
+            raise StackError(f"`{' '.join(command[1:])}` failed:\n{completed.stdout}\n{completed.stderr}")
         with self.connected(state):
             DcmDatabase(url=SecretStr(state.database_url), database_name=DATABASE_NAME).save(
                 DATABASE_BLOCK, overwrite=True
@@ -278,6 +282,19 @@ class LocalStack:
         for name in reversed(list(state.processes)):
             _terminate(state.processes[name])
         self.state_file.unlink(missing_ok=True)
+
+
+def create_work_pools() -> None:
+    """The `dcm-process` and `dcm-docker` work pools, with their worker types' default job templates
+    (an existing pool is updated, as `prefect work-pool create --overwrite` does)."""
+    from prefect.workers.process import ProcessWorker
+    from prefect_docker.worker import DockerWorker
+
+    with get_client(sync_client=True) as client:
+        for name, worker in ((PROCESS_POOL, ProcessWorker), (DOCKER_POOL, DockerWorker)):
+            client.create_work_pool(WorkPoolCreate(
+                name=name, type=worker.type, base_job_template=worker.get_default_base_job_template(),
+            ), overwrite=True)
 
 
 def _terminate(pid: int) -> None:

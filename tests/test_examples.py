@@ -1,4 +1,4 @@
-"""The example components do what the guides say, installed through the deployment and fed by the scheduler.
+"""The example components do what the guides say, installed at once through the deployment and fed by the scheduler.
 
 They get a database of their own, so the platform's scheduler sees only their services; each job is
 submitted on its own so that the session's files can be read before post-services clears them.
@@ -41,8 +41,9 @@ def example_jobs(
     WorkerHost(environments_folder=str(tmp_path_factory.mktemp("example-environments")),
                wheelhouse=str(wheelhouse)).save("default", overwrite=True)
     names = [*EXAMPLE_COMPONENTS, *([DOCKER_EXAMPLE_COMPONENT] if docker_engine_answers() else [])]
-    for name in names:
-        run = finished(submit_install(str(EXAMPLES_FOLDER / name), database_block=block), timeout=600)
+    installs = {name: submit_install(str(EXAMPLES_FOLDER / name), database_block=block) for name in names}
+    for name, run_id in installs.items():
+        run = finished(run_id, timeout=600)
         assert run.state.is_completed(), f"installing {name}: {run.state.message}"
     records = PlatformRecords(database.open())
     store_mr_series(database, patient_id=f"EXAMPLE-{uuid.uuid4().hex[:6]}")
