@@ -132,8 +132,8 @@ def test_a_failing_callback_in_a_container_fails_the_run_and_the_record(
 BROKEN_RUNTIME_DOCKERFILE = f"""\
 FROM {BASE_IMAGE}
 RUN mkdir -p /opt/dcm-flows/bin \\
- && printf '#!/bin/sh\\necho the runtime is broken >&2\\nexit 3\\n' > /opt/dcm-flows/bin/prefect \\
- && chmod +x /opt/dcm-flows/bin/prefect
+ && printf '#!/bin/sh\\necho the runtime is broken >&2\\nexit 3\\n' > /opt/dcm-flows/bin/python \\
+ && chmod +x /opt/dcm-flows/bin/python
 """
 
 
