@@ -129,10 +129,13 @@ def test_a_failing_callback_in_a_container_fails_the_run_and_the_record(
     assert "ValueError: bad voxel" in platform.job(job_id)["errorMessage"]
 
 
+# The broken runtime fails a second after it starts, as a Python that cannot import the runtime does: a
+# container that exits at once can be auto-removed before prefect-docker reads its exit code, and the run
+# then stays Pending (prefect-docker 0.7.4).
 BROKEN_RUNTIME_DOCKERFILE = f"""\
 FROM {BASE_IMAGE}
 RUN mkdir -p /opt/dcm-flows/bin \\
- && printf '#!/bin/sh\\necho the runtime is broken >&2\\nexit 3\\n' > /opt/dcm-flows/bin/python \\
+ && printf '#!/bin/sh\\necho the runtime is broken >&2\\nsleep 1\\nexit 3\\n' > /opt/dcm-flows/bin/python \\
  && chmod +x /opt/dcm-flows/bin/python
 """
 
