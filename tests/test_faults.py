@@ -6,6 +6,7 @@ processes are killed by PID, and records are read back from SecantusDB.
 
 from __future__ import annotations
 
+import contextvars
 import io
 import os
 import signal
@@ -69,7 +70,10 @@ def calls(tmp_path: Path) -> list[str]:
 
 
 def at_once(submit: Any, *arguments: Any) -> list[Any]:
-    """Call `submit` twice from two threads released at the same moment; return both results."""
+    """Call `submit` twice from two threads released at the same moment; return both results.
+
+    Each thread runs in a copy of this context, which holds the stack's Prefect settings: a bare thread
+    would see Prefect's settings from import time and start a temporary server of its own."""
     barrier = threading.Barrier(2)
     results: list[Any] = [None, None]
 
@@ -77,7 +81,7 @@ def at_once(submit: Any, *arguments: Any) -> list[Any]:
         barrier.wait()
         results[index] = submit(*arguments)
 
-    threads = [threading.Thread(target=call, args=(index,)) for index in range(2)]
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(call, index)) for index in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:
