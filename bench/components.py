@@ -1,4 +1,5 @@
-"""Service-only components written to a folder, for the benchmarks and the tests that schedule them."""
+"""Service-only components written to a folder, and lone jobs of them, for the benchmarks and the tests that
+schedule them."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from blocks.database import DcmDatabase
+from flows.demo import schedule_stable_patient, upload_example_patient
 from flows.runtime.components import MANIFEST, Component
+from flows.runtime.records import PlatformRecords
 
 ACCEPT_EVERYTHING = "def accept(**kwargs):\n    return True, {}\n"
 
@@ -37,3 +41,13 @@ def service_component(
             job["worker"] = name
     (folder / MANIFEST).write_text(json.dumps(manifest))
     return Component.read(folder)
+
+
+def lone_job(database: DcmDatabase, records: PlatformRecords, patient_id: str, job_name: str) -> str:
+    """Store a one-image series of a new patient, let the platform's scheduler make its session, and return
+    the id of its job `job_name`, made ready at once (the scheduler makes series jobs wait for pre-services)."""
+    upload_example_patient(database, patient_id=patient_id, series=1, instances=1)
+    session_id = schedule_stable_patient(database, records)
+    job_id = next(job.id for job in records.session_jobs(session_id) if job.job_name == job_name)
+    database.open().db.update("jobs", job_id, {"$set": {"depends_on": []}})
+    return job_id

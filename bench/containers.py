@@ -18,9 +18,8 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.components import service_component
+from bench.components import lone_job, service_component
 from blocks.database import DcmDatabase
-from flows.demo import schedule_stable_patient, upload_example_patient
 from flows.runtime.records import PlatformRecords
 from flows.runtime.workers.docker import RUNTIME_VENV, build_context, runtime_dockerfile
 from flows.stack import DATABASE_BLOCK
@@ -71,10 +70,7 @@ class ContainerBench:
     def job(self) -> tuple[float, float, float]:
         """One job through `submit_job`: (trigger to callback start, flow run duration, trigger to end)."""
         self.patients += 1
-        upload_example_patient(self.database, patient_id=f"BENCH-DOCKER-{self.patients}", series=1, instances=1)
-        session_id = schedule_stable_patient(self.database, self.records)
-        job_id = next(job.id for job in self.records.session_jobs(session_id) if job.job_name == "stamp")
-        self.database.open().db.update("jobs", job_id, {"$set": {"depends_on": []}})
+        job_id = lone_job(self.database, self.records, f"BENCH-DOCKER-{self.patients}", "stamp")
         triggered = time.time()
         run = wait_for_run(submit_job(job_id, self.block), timeout_seconds=300, poll_seconds=0.05)
         assert run.state is not None and run.state.is_completed(), run.state

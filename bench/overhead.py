@@ -42,7 +42,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.deployments import run_deployment
 
-from bench.components import service_component
+from bench.components import lone_job, service_component
 from bench.containers import ContainerBench, runtime_layer_build
 from bench.load import MemorySampler, write_benchmarks
 from blocks.database import DcmDatabase
@@ -140,16 +140,10 @@ class Bench:
         subprocess.run([sys.executable, "-c", code, str(self.folder / "component"), str(self.marker)], check=True)
         return time.perf_counter() - started
 
-    def lone_job(self) -> str:
-        """A trivial job that is ready at once (the scheduler makes series jobs wait for pre-services)."""
-        session_id = self.session(series=1)
-        job_id = next(job.id for job in self.records.session_jobs(session_id) if job.job_name == "first")
-        self.database.open().db.update("jobs", job_id, {"$set": {"depends_on": []}})
-        return job_id
-
     def deployment_job(self) -> tuple[float, float, float]:
         """One job through `submit_job`: (trigger to callback start, flow run duration, trigger to end)."""
-        job_id = self.lone_job()
+        self.patients += 1
+        job_id = lone_job(self.database, self.records, f"BENCH-{self.patients}", "first")
         triggered = time.time()
         run = wait_for_run(submit_job(job_id, self.block), poll_seconds=0.05)
         assert run.state is not None and run.state.is_completed(), run.state
