@@ -1,4 +1,5 @@
-"""The embedded local stack: SecantusDB, a Prefect server on SQLite, the work pool, deployments and a worker.
+"""The embedded local stack: SecantusDB, a Prefect server on SQLite (flows/prefect_server.py), the work pools,
+deployments and workers.
 
 This is what `dcm-flows stack start`, `make demo` and the test fixtures use, so the development set-up
 and the tested set-up are the same. Each service is a separate process started in a session of its
@@ -207,7 +208,7 @@ class LocalStack:
     def _spawn_server(self, state: StackState) -> None:
         port = str(urlsplit(state.api_url).port)
         state.processes["prefect-server"] = self._spawn("prefect-server", [
-            _executable("prefect"), "server", "start", "--host", "127.0.0.1", "--port", port,
+            sys.executable, "-m", "flows.prefect_server", "--host", "127.0.0.1", "--port", port,
         ], {**self._prefect_environment(), "PREFECT_UI_API_URL": state.api_url})
         self._save(state)
 

@@ -1,0 +1,56 @@
+"""The Prefect server of the embedded stack: `prefect server start`, with SQLite transactions that take
+the database's write lock when they begin.
+
+Prefect's server begins its SQLite transactions DEFERRED: a transaction starts as a reader and becomes a
+writer at its first write. In WAL mode that upgrade fails at once, without waiting out the busy timeout,
+when another connection has written since the transaction's first read; the API answers `503` and
+Prefect's clients wait 2, 4, then 8 seconds before they try again (PrefectHQ/prefect#18934). The job runs
+of a session write concurrently, so they spent most of a session in those waits and ran one at a time.
+Begun IMMEDIATE, a transaction takes the write lock first, waiting for it as long as the busy timeout
+allows, so concurrent writers queue for milliseconds instead of failing. Prefect itself begins
+IMMEDIATE the transactions it marks `with_for_update`; here every transaction is begun so. Only the
+SQLite configuration changes: on PostgreSQL this is `prefect server start` as shipped.
+
+Usage: `python -m flows.prefect_server [options of prefect server start]`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from prefect.server.database.configurations import AioSqliteConfiguration
+
+_TAKES_WRITE_LOCK = "_dcm_flows_takes_write_lock"
+
+
+def sqlite_transactions_take_the_write_lock() -> None:
+    """Make every transaction of Prefect's SQLite configuration begin IMMEDIATE (in this process)."""
+    begin_transaction = AioSqliteConfiguration.begin_transaction
+    if getattr(begin_transaction, _TAKES_WRITE_LOCK, False):
+        return
+
+    @asynccontextmanager
+    async def begin_immediate(
+        self: AioSqliteConfiguration, session: Any, with_for_update: bool = False
+    ) -> AsyncIterator[Any]:
+        async with begin_transaction(self, session, with_for_update=True) as transaction:
+            yield transaction
+
+    setattr(begin_immediate, _TAKES_WRITE_LOCK, True)
+    AioSqliteConfiguration.begin_transaction = begin_immediate  # type: ignore[method-assign]
+
+
+def main(arguments: list[str] | None = None) -> None:
+    """Run `prefect server start` with `arguments` in this process, its SQLite writers queueing."""
+    sqlite_transactions_take_the_write_lock()
+    from prefect.cli import app
+
+    sys.argv = ["prefect", "server", "start", *(sys.argv[1:] if arguments is None else arguments)]
+    app()
+
+
+if __name__ == "__main__":
+    main()
