@@ -50,6 +50,7 @@ from flows.demo import schedule_stable_patient, upload_example_patient
 from flows.runtime.components import Component, register_service
 from flows.runtime.records import JobRecord, PlatformRecords
 from flows.runtime.wheelhouse import build_wheelhouse
+from flows.session import DEFAULT_MAX_PARALLEL_JOBS
 from flows.stack import DATABASE_BLOCK, DEFAULT_HOME, PROCESS_POOL, PROJECT_DIR, LocalStack, docker_engine_answers
 from flows.submit import SESSION_DEPLOYMENT, submit_job, wait_for_run
 
@@ -159,13 +160,16 @@ class Bench:
         assert finished.state is not None and finished.state.is_completed(), finished.state
         return starts(self.folder / "stock")["stock"] - triggered
 
-    def session_run(self, series: int, jobs_in_session: bool) -> SessionSample:
+    def session_run(
+        self, series: int, jobs_in_session: bool, max_parallel_jobs: int = DEFAULT_MAX_PARALLEL_JOBS
+    ) -> SessionSample:
         """Run a whole session and read back from the API how long it and each of its jobs took."""
         session_id = self.session(series)
         jobs = {job.id: job for job in self.records.session_jobs(session_id)}
         triggered = time.time()
         run = run_deployment(SESSION_DEPLOYMENT, timeout=0, parameters={
             "session_id": session_id, "database_block": self.block, "jobs_in_session": jobs_in_session,
+            "max_parallel_jobs": max_parallel_jobs,
         })
         final = wait_for_run(run.id, timeout_seconds=1800, poll_seconds=0.2)
         assert final.state is not None and final.state.is_completed(), final.state
@@ -265,6 +269,9 @@ def measure(bench: Bench, repeats: int, baseline_repeats: int, session_sizes: li
             rows += [per_job.row(raw), to_start.row()]
     sampler.stopped.set()
     sampler.join()
+    alone = [bench.session_run((session_sizes[0] - 2) // 2, True, max_parallel_jobs=1) for _ in range(repeats)]
+    rows.append(Figure(f"session of {session_sizes[0]} jobs, one job at a time: one job run, created to ended",
+                       [seconds for sample in alone for seconds in sample.job_seconds]).row(raw))
     header = "| | median s | min s | max s | runs | against |\n|---|---|---|---|---|---|\n"
     return (
         "<!-- overhead -->\n## Per-job overhead (`make bench`)\n\n"
