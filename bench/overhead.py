@@ -299,8 +299,8 @@ def environment_build(wheelhouse: Path, folder: Path, installer: str, cache: Pat
     sources = ["--no-index", "--find-links", str(wheelhouse)]
     python = venv / "bin" / "python"
     if installer == "uv":
-        install = [sys.executable, "-m", "uv", "pip", "install", "--quiet", "--python", str(python),
-                   "--cache-dir", str(cache), *sources, *INSTALL_PACKAGES]
+        install = [sys.executable, "-m", "uv", "pip", "install", "--quiet", "--compile-bytecode",
+                   "--python", str(python), "--cache-dir", str(cache), *sources, *INSTALL_PACKAGES]
     else:
         install = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                    "--cache-dir", str(cache), *sources, *INSTALL_PACKAGES]

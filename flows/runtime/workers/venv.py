@@ -57,7 +57,8 @@ class VenvWorker(WorkerType):
         use_uv = context.host.installer != "pip" and importlib.util.find_spec("uv") is not None
         sources = context.host.package_source_arguments()
         if use_uv:
-            install = [sys.executable, "-m", "uv", "pip", "install", "--python", str(python), *sources, *packages]
+            install = [sys.executable, "-m", "uv", "pip", "install", "--compile-bytecode", "--python", str(python),
+                       *sources, *packages]
             freeze = [sys.executable, "-m", "uv", "pip", "freeze", "--python", str(python)]
         else:
             install = [str(python), "-m", "pip", "install", "--disable-pip-version-check", *sources, *packages]
