@@ -35,8 +35,9 @@ from prefect.client.schemas.filters import (
     FlowRunFilterStateType,
 )
 from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.context import SettingsContext, get_settings_context
 from prefect.exceptions import ObjectNotFound
-from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings
 from prefect.states import Cancelled, Cancelling, Failed, State
 
 from blocks.database import DcmDatabase, resolved_once
@@ -122,6 +123,12 @@ class SessionJobs:
         self._reported: set[str] = set()
         self._lock = threading.Lock()
         self._polled = 0.0
+        # No heartbeats of their own: a job run lives and dies with this session's process, whose heartbeat
+        # and crash handling (flows/crash.py) cover it; each heartbeat is a write to the server's database.
+        # Built once: a copy of Prefect's settings costs about 30 ms of CPU, and the jobs share one process.
+        self._job_settings = get_current_settings().copy_with_update(
+            updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+        )
 
     def __len__(self) -> int:
         return len(self.here) + len(self.on_workers)
@@ -142,9 +149,8 @@ class SessionJobs:
             flow_run_name=job_run_name(job.id, job),
             on_completion=hooks, on_failure=hooks, on_cancellation=hooks, on_crashed=hooks,
         )
-        # No heartbeats of its own: the run lives and dies with this session's process, whose heartbeat
-        # and crash handling (flows/crash.py) cover it; each heartbeat is a write to the server's database.
-        with tags(*job_tags(job)), temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        settings = SettingsContext(profile=get_settings_context().profile, settings=self._job_settings)
+        with tags(*job_tags(job)), settings:
             return job_run(job.id, self.database_block, return_state=True)
 
     def _thread_ended(self, job_id: str, future: Future[State]) -> None:

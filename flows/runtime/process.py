@@ -112,11 +112,12 @@ def run_child(
             if remaining is not None and remaining <= 0:
                 timed_out_after = timeout_seconds
                 break
-            if should_stop is not None and should_stop():
-                stopped = True
-                break
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=STOP_CHECK_SECONDS if remaining is None else min(remaining, STOP_CHECK_SECONDS))
+            # Asked only once the callback has run a while: most end before that, and each check is an API call.
+            if process.poll() is None and should_stop is not None and should_stop():
+                stopped = True
+                break
     finally:
         # Also reached when the flow run is cancelled: Prefect raises in this thread.
         kill_process_tree(process)
