@@ -43,12 +43,12 @@ def sqlite_transactions_take_the_write_lock() -> None:
     AioSqliteConfiguration.begin_transaction = begin_immediate  # type: ignore[method-assign]
 
 
-def main(arguments: list[str] | None = None) -> None:
-    """Run `prefect server start` with `arguments` in this process, its SQLite writers queueing."""
+def main() -> None:
+    """Run `prefect server start` with this command's arguments in this process, its SQLite writers queueing."""
     sqlite_transactions_take_the_write_lock()
     from prefect.cli import app
 
-    sys.argv = ["prefect", "server", "start", *(sys.argv[1:] if arguments is None else arguments)]
+    sys.argv = ["prefect", "server", "start", *sys.argv[1:]]
     app()
 
 

@@ -7,7 +7,6 @@ job scheduler (`handle_stable_object`), so the runtime sees exactly what it sees
 from __future__ import annotations
 
 import io
-import os
 import textwrap
 import zipfile
 from dataclasses import dataclass
@@ -42,12 +41,12 @@ def run(session_id, job_name, headers, params, added_params, **kwargs):
 
 
 def process_alive(pid: int) -> bool:
+    """Whether `pid` runs: a zombie does not, nor a process reaped while its record is being read."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().split()[2] != "Z"
 
 
 def parent_of(pid: int) -> int:

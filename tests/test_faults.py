@@ -14,6 +14,8 @@ import stat
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -347,19 +349,28 @@ def test_cancelling_a_session_cancels_the_job_running_in_its_process_and_kills_t
     assert "cancelled" in record["errorMessage"] and record["inProgress"] is False
 
 
+@contextmanager
+def database_away(local_stack: LocalStack, stack: StackState) -> Iterator[None]:
+    """The platform database stopped for the block, and started again however the block ends (the tests
+    after it need it)."""
+    local_stack.stop_database(stack)
+    try:
+        yield
+    finally:
+        local_stack.start_database(stack)
+
+
 def test_a_database_outage_while_a_job_starts_and_while_it_finishes_is_ridden_out(
     platform: Platform, tmp_path: Path, stack: StackState, local_stack: LocalStack
 ) -> None:
     job_id, pid_file = platform.sleeper_job(tmp_path, sleep=6)
     flow_run_id = submit_job(job_id)
-    local_stack.stop_database(stack)  # the run starts while the database is away ...
-    time.sleep(8)
-    local_stack.start_database(stack)
+    with database_away(local_stack, stack):  # the run starts while the database is away ...
+        time.sleep(8)
     callback = running_callback(pid_file)
-    local_stack.stop_database(stack)  # ... and finishes while it is away again
-    eventually(lambda: not process_alive(callback), timeout=30)
-    time.sleep(4)
-    local_stack.start_database(stack)
+    with database_away(local_stack, stack):  # ... and finishes while it is away again
+        eventually(lambda: not process_alive(callback), timeout=30)
+        time.sleep(4)
 
     run = finished(flow_run_id, timeout=180)
 
@@ -375,11 +386,8 @@ def test_a_database_outage_that_outlasts_the_retries_crashes_the_run_and_the_rec
     job_id, pid_file = platform.sleeper_job(tmp_path, sleep=3)
     flow_run_id = submit_job(job_id)
     running_callback(pid_file)
-    local_stack.stop_database(stack)
-    try:
+    with database_away(local_stack, stack):
         run = finished(flow_run_id, timeout=240)
-    finally:
-        local_stack.start_database(stack)
 
     assert run.state.is_crashed()
     assert "could not be recorded: platform database unavailable" in run.state.message

@@ -49,19 +49,21 @@ async def _read_then_write_while_another_connection_writes(database: Path) -> li
         await engine.dispose()
 
 
-def test_stock_prefect_fails_a_sqlite_transaction_that_reads_before_another_connection_writes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Why the embedded server changes the transactions: as shipped, the first writer's upgrade is refused."""
+@pytest.fixture
+def sqlite_configuration_as_shipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefect's SQLite configuration as installed, and as installed again after the test."""
     monkeypatch.setattr(AioSqliteConfiguration, "begin_transaction", AioSqliteConfiguration.begin_transaction)
+
+
+@pytest.mark.usefixtures("sqlite_configuration_as_shipped")
+def test_stock_prefect_fails_a_sqlite_transaction_that_reads_before_another_connection_writes(tmp_path: Path) -> None:
+    """Why the embedded server changes the transactions: as shipped, the first writer's upgrade is refused."""
     with pytest.raises(sqlalchemy.exc.OperationalError, match="database is locked"):
         asyncio.run(_read_then_write_while_another_connection_writes(tmp_path / "prefect.db"))
 
 
-def test_the_embedded_servers_sqlite_transactions_wait_for_the_write_lock_and_both_commit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(AioSqliteConfiguration, "begin_transaction", AioSqliteConfiguration.begin_transaction)
+@pytest.mark.usefixtures("sqlite_configuration_as_shipped")
+def test_the_embedded_servers_sqlite_transactions_wait_for_the_write_lock_and_both_commit(tmp_path: Path) -> None:
     sqlite_transactions_take_the_write_lock()
     sqlite_transactions_take_the_write_lock()
 
