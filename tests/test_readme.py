@@ -46,7 +46,9 @@ def fresh_home(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_every_quick_start_command_runs_on_a_fresh_stack(fresh_home: Path, wheelhouse: Path) -> None:
-    environment = {**os.environ, "DCM_FLOWS_HOME": str(fresh_home)}
+    # A fresh shell: without the variables that point this test session at its shared stack.
+    inherited = {name: value for name, value in os.environ.items() if not name.startswith(("PREFECT_", "DCM_DB_"))}
+    environment = {**inherited, "DCM_FLOWS_HOME": str(fresh_home)}
     if docker_engine_answers():
         environment["DCM_FLOWS_WHEELHOUSE"] = str(wheelhouse)
     set_up, step_by_step = quick_start_blocks()
