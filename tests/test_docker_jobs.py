@@ -72,7 +72,9 @@ def docker_job(platform: Platform, image: str, name: str, source: str = CONTAINE
 
 
 def containers_of(docker_client, flow_run_id) -> list:
-    return docker_client.containers.list(all=True, filters={"label": f"io.prefect.flow-run-id={flow_run_id}"})
+    return docker_client.containers.list(
+        all=True, ignore_removed=True, filters={"label": f"io.prefect.flow-run-id={flow_run_id}"}
+    )
 
 
 def test_docker_job_runs_in_the_worker_image_with_the_platform_layout(

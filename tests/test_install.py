@@ -179,7 +179,9 @@ def test_a_docker_worker_whose_dockerfile_fails_leaves_no_image_record_or_file(
 
     client = docker.from_env()
     assert client.images.list(filters={"label": f"{WORKER_LABEL}=docker-broken"}) == []
-    assert client.containers.list(all=True, filters={"ancestor": "dcm-flows/python-base:bookworm"}) == []
+    assert client.containers.list(
+        all=True, ignore_removed=True, filters={"ancestor": "dcm-flows/python-base:bookworm"}
+    ) == []
     assert platform.manager.get_worker("docker-broken") is None and component_files(platform) == files_before
     shutil.rmtree(tmp_path / "docker")
 
@@ -207,8 +209,8 @@ def test_a_docker_component_is_built_with_its_build_args_and_its_job_runs_in_the
     platform.manager.db.update("jobs", job_id, {"$set": {"data.kwargs.worker_type": "docker"}})
     assert finished(submit_job(job_id), timeout=300).state.is_completed()
     assert platform.job(job_id)["result"] == "hello from the build"
-    eventually(lambda: docker_client.containers.list(all=True, filters={"ancestor": worker["runtime_image"]}) == [],
-               timeout=60)
+    runtime_containers = {"all": True, "ignore_removed": True, "filters": {"ancestor": worker["runtime_image"]}}
+    eventually(lambda: docker_client.containers.list(**runtime_containers) == [], timeout=60)
 
     remove_component_flow("docker-greeter")
 
