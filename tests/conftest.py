@@ -134,6 +134,12 @@ def docker_client():
     return docker.from_env()
 
 
+def containers_matching(docker_client: Any, filters: dict[str, str]) -> list[Any]:
+    """Containers, running or not, that match `filters`. docker-py inspects each container it lists, and one
+    auto-removed in between would raise NotFound: it counts as gone."""
+    return docker_client.containers.list(all=True, ignore_removed=True, filters=filters)
+
+
 @pytest.fixture(scope="session")
 def wheelhouse() -> Path:
     """Every wheel the runtime needs, downloaded on the host once, so images build with no network."""

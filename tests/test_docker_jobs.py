@@ -13,7 +13,7 @@ from prefect.states import Cancelling
 from flows.runtime.records import WorkerRecord
 from flows.runtime.workers.docker import DockerWorker
 from flows.submit import submit_job, submit_session
-from tests.conftest import BASE_IMAGE, eventually, finished, read_logs
+from tests.conftest import BASE_IMAGE, containers_matching, eventually, finished, read_logs
 from tests.platform import Platform
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
@@ -72,9 +72,7 @@ def docker_job(platform: Platform, image: str, name: str, source: str = CONTAINE
 
 
 def containers_of(docker_client, flow_run_id) -> list:
-    return docker_client.containers.list(
-        all=True, ignore_removed=True, filters={"label": f"io.prefect.flow-run-id={flow_run_id}"}
-    )
+    return containers_matching(docker_client, {"label": f"io.prefect.flow-run-id={flow_run_id}"})
 
 
 def test_docker_job_runs_in_the_worker_image_with_the_platform_layout(

@@ -18,7 +18,7 @@ from flows.install import install_component_flow, remove_component_flow
 from flows.runtime.workers.docker import WORKER_LABEL
 from flows.stack import docker_engine_answers
 from flows.submit import submit_job
-from tests.conftest import eventually, finished
+from tests.conftest import BASE_IMAGE, containers_matching, eventually, finished
 from tests.platform import Platform
 
 pytestmark = pytest.mark.integration
@@ -179,9 +179,7 @@ def test_a_docker_worker_whose_dockerfile_fails_leaves_no_image_record_or_file(
 
     client = docker.from_env()
     assert client.images.list(filters={"label": f"{WORKER_LABEL}=docker-broken"}) == []
-    assert client.containers.list(
-        all=True, ignore_removed=True, filters={"ancestor": "dcm-flows/python-base:bookworm"}
-    ) == []
+    assert containers_matching(client, {"ancestor": BASE_IMAGE}) == []
     assert platform.manager.get_worker("docker-broken") is None and component_files(platform) == files_before
     shutil.rmtree(tmp_path / "docker")
 
@@ -209,8 +207,7 @@ def test_a_docker_component_is_built_with_its_build_args_and_its_job_runs_in_the
     platform.manager.db.update("jobs", job_id, {"$set": {"data.kwargs.worker_type": "docker"}})
     assert finished(submit_job(job_id), timeout=300).state.is_completed()
     assert platform.job(job_id)["result"] == "hello from the build"
-    runtime_containers = {"all": True, "ignore_removed": True, "filters": {"ancestor": worker["runtime_image"]}}
-    eventually(lambda: docker_client.containers.list(**runtime_containers) == [], timeout=60)
+    eventually(lambda: containers_matching(docker_client, {"ancestor": worker["runtime_image"]}) == [], timeout=60)
 
     remove_component_flow("docker-greeter")
 
