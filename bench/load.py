@@ -51,7 +51,7 @@ class LoadReport:
     wall_seconds: float
     jobs_per_minute: float
     worker_peak_rss_mb: float
-    flow_runs_peak_rss_mb: float
+    flow_runs_peak_pss_mb: float
     peak_flow_run_processes: int
     sessions_completed: int
     jobs_not_done: int
@@ -66,15 +66,25 @@ def trivial_component(folder: Path, marker: Path) -> Component:
     ])
 
 
-def _rss_mb(pid: int) -> float:
+def _memory_mb(pid: int, file: str, field: str) -> float:
     try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
+        with open(f"/proc/{pid}/{file}") as lines:
+            for line in lines:
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return 0.0
+
+
+def _rss_mb(pid: int) -> float:
+    return _memory_mb(pid, "status", "VmRSS")
+
+
+def _pss_mb(pid: int) -> float:
+    """Resident memory with each shared page divided among the processes sharing it: runs forked from the
+    warm engine share most of theirs, which a sum of RSS would count once per run."""
+    return _memory_mb(pid, "smaps_rollup", "Pss")
 
 
 def _descendants(pid: int) -> list[int]:
@@ -95,11 +105,13 @@ def _descendants(pid: int) -> list[int]:
 
 
 class MemorySampler(threading.Thread):
-    """Samples the worker's RSS and the summed RSS of the flow-run processes below it."""
+    """Samples the worker's RSS, and the summed PSS of the flow-run processes: those below the worker (the
+    job commands it starts) and below the warm engine (the runs it forks, and their callbacks)."""
 
-    def __init__(self, worker_pid: int) -> None:
+    def __init__(self, worker_pid: int, warm_engine_pid: int) -> None:
         super().__init__(daemon=True)
         self.worker_pid = worker_pid
+        self.warm_engine_pid = warm_engine_pid
         self.worker_peak = 0.0
         self.flow_runs_peak = 0.0
         self.processes_peak = 0
@@ -107,13 +119,13 @@ class MemorySampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stopped.wait(SAMPLE_SECONDS):
-            children = _descendants(self.worker_pid)
+            children = _descendants(self.worker_pid) + _descendants(self.warm_engine_pid)
             self.worker_peak = max(self.worker_peak, _rss_mb(self.worker_pid))
-            self.flow_runs_peak = max(self.flow_runs_peak, sum(_rss_mb(child) for child in children))
+            self.flow_runs_peak = max(self.flow_runs_peak, sum(_pss_mb(child) for child in children))
             self.processes_peak = max(self.processes_peak, len(children))
 
 
-def run_load(database: DcmDatabase, database_block: str, worker_pid: int, sessions: int, series: int,
+def run_load(database: DcmDatabase, database_block: str, processes: dict[str, int], sessions: int, series: int,
              folder: Path, timeout_seconds: float = 3600) -> LoadReport:
     """Schedule `sessions` patients of `series` series each, run all their sessions at once, check them."""
     records = PlatformRecords(database.open())
@@ -125,7 +137,7 @@ def run_load(database: DcmDatabase, database_block: str, worker_pid: int, sessio
         session_ids.append(schedule_stable_patient(database, records))
     job_ids = [job.id for session_id in session_ids for job in records.session_jobs(session_id)
                if job.service_name == "load-touch"]
-    sampler = MemorySampler(worker_pid)
+    sampler = MemorySampler(processes["process-worker"], processes["warm-engine"])
     sampler.start()
     started = time.monotonic()
     runs = [submit_session(session_id, database_block=database_block) for session_id in session_ids]
@@ -141,7 +153,7 @@ def run_load(database: DcmDatabase, database_block: str, worker_pid: int, sessio
         wall_seconds=round(wall, 1),
         jobs_per_minute=round(len(all_jobs) / wall * 60, 1),
         worker_peak_rss_mb=round(sampler.worker_peak, 1),
-        flow_runs_peak_rss_mb=round(sampler.flow_runs_peak, 1),
+        flow_runs_peak_pss_mb=round(sampler.flow_runs_peak, 1),
         peak_flow_run_processes=sampler.processes_peak,
         sessions_completed=sum(1 for run in finals if run.state is not None and run.state.is_completed()),
         jobs_not_done=sum(1 for job in all_jobs if not job.done),
@@ -161,7 +173,7 @@ def markdown(report: LoadReport, series: int) -> str:
         ("wall time", f"{report.wall_seconds} s"),
         ("throughput", f"{report.jobs_per_minute} jobs/min"),
         ("process worker, peak RSS", f"{report.worker_peak_rss_mb} MB"),
-        ("processes below the worker (runs, callbacks), peak summed RSS", f"{report.flow_runs_peak_rss_mb} MB"),
+        ("flow-run processes (job commands, runs, callbacks), peak summed PSS", f"{report.flow_runs_peak_pss_mb} MB"),
         ("processes below the worker at once, peak", report.peak_flow_run_processes),
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
@@ -193,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         database = DcmDatabase.load(DATABASE_BLOCK).with_database_name(name)
         database.save(name, overwrite=True)
         try:
-            report = run_load(database, name, state.processes["process-worker"], options.sessions, options.series,
+            report = run_load(database, name, state.processes, options.sessions, options.series,
                               Path(folder))
         finally:
             database.open().db.get_db().client.drop_database(name)

@@ -117,11 +117,11 @@ def starts(marker: Path) -> dict[str, float]:
 class Bench:
     """The embedded stack, a database of the bench's own, and the trivial service registered in it."""
 
-    def __init__(self, database: DcmDatabase, block: str, folder: Path, worker_pid: int) -> None:
+    def __init__(self, database: DcmDatabase, block: str, folder: Path, processes: dict[str, int]) -> None:
         self.database = database
         self.block = block
         self.folder = folder
-        self.worker_pid = worker_pid
+        self.processes = processes
         self.marker = folder / "callbacks"
         self.records = PlatformRecords(database.open())
         register_service(self.records, bench_component(folder / "component", self.marker))
@@ -247,7 +247,7 @@ def measure(bench: Bench, repeats: int, baseline_repeats: int, session_sizes: li
     stock = repeat("trigger to task start, stock one-task flow", repeats, bench.stock_start)
     rows = [raw.row(), job_run.row(raw), job_total.row(raw), stock.row(), start.row(stock)]
     sessions: list[str] = []
-    sampler = MemorySampler(bench.worker_pid)
+    sampler = MemorySampler(bench.processes["process-worker"], bench.processes["warm-engine"])
     sampler.start()
     for size in session_sizes:
         series = (size - 2) // 2
@@ -282,8 +282,9 @@ def measure(bench: Bench, repeats: int, baseline_repeats: int, session_sizes: li
         "series one job and a second that depends on it, then post-services. The critical path and the sum "
         "count each callback with its execute task's duration; the session run is compared with its "
         "critical path:\n\n" + header + "\n".join(sessions)
-        + f"\n\nMemory during the sessions: process worker peak {sampler.worker_peak:.0f} MB, flow-run processes "
-        f"below it peak {sampler.flow_runs_peak:.0f} MB summed, {sampler.processes_peak} processes at most.\n"
+        + f"\n\nMemory during the sessions: process worker peak {sampler.worker_peak:.0f} MB RSS, flow-run processes "
+        f"(job commands, runs forked by the warm engine, callbacks) peak {sampler.flow_runs_peak:.0f} MB PSS summed, "
+        f"{sampler.processes_peak} processes at most.\n"
         "<!-- /overhead -->"
     )
 
@@ -377,7 +378,7 @@ def measure_jobs(options: argparse.Namespace, folder: Path) -> str:
         database = DcmDatabase.load(DATABASE_BLOCK).with_database_name(name)
         database.save(name, overwrite=True)
         try:
-            bench = Bench(database, name, folder, state.processes["process-worker"])
+            bench = Bench(database, name, folder, state.processes)
             return measure(bench, options.repeats, options.baseline_repeats, options.sessions)
         finally:
             database.open().db.get_db().client.drop_database(name)

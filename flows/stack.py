@@ -36,6 +36,7 @@ from blocks.database import ENVIRONMENT_NAME, ENVIRONMENT_PROVIDER, ENVIRONMENT_
 from blocks.host import WorkerHost
 from flows.crash import ensure_crash_automations
 from flows.session import limit_sessions_at_once
+from flows.warm_engine import SOCKET_VARIABLE
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_HOME = Path(os.environ.get("DCM_FLOWS_HOME", PROJECT_DIR / ".dcm-flows"))
@@ -93,6 +94,15 @@ def _port_open(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _socket_answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        try:
+            connection.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def _http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
@@ -127,6 +137,7 @@ class LocalStack:
         self.home = home.resolve()
         self.state_file = self.home / "stack.json"
         self.logs = self.home / "logs"
+        self.warm_engine_socket = self.home / "warm-engine.sock"
 
     def state(self) -> StackState | None:
         if not self.state_file.exists():
@@ -227,7 +238,12 @@ class LocalStack:
         worker_environment = {
             **self._prefect_environment(state.api_url), **state.environment(),
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)]),
+            SOCKET_VARIABLE: str(self.warm_engine_socket),
         }
+        if not ("warm-engine" in state.processes and _alive(state.processes["warm-engine"])):
+            state.processes["warm-engine"] = self._spawn("warm-engine", [
+                sys.executable, "-m", "flows.warm_engine", "serve", str(self.warm_engine_socket),
+            ], worker_environment)
         pools = {"process-worker": (PROCESS_POOL, "process")}
         if docker_engine_answers():
             pools["docker-worker"] = (DOCKER_POOL, "docker")
@@ -238,6 +254,7 @@ class LocalStack:
                 _executable("prefect"), "worker", "start", "--pool", pool, "--type", worker_type,
             ], worker_environment)
         self._save(state)
+        _wait("the warm engine", lambda: _socket_answers(self.warm_engine_socket), self.logs / "warm-engine.log")
 
     def configure(self, state: StackState) -> None:
         """Register the block types, create the pools, deploy from prefect.yaml, save the database block.

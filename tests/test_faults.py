@@ -307,7 +307,8 @@ def test_a_killed_session_process_crashes_the_job_runs_inside_it_and_a_retry_fin
     callback = running_callback(pid_file)
     job_run_id = platform.job(job_id)["flowRunId"]
     session_process = parent_of(callback)
-    assert parent_of(session_process) == stack.processes["process-worker"], "the job ran in the session's process"
+    assert parent_of(session_process) == stack.processes["warm-engine"]
+    assert read_flow_run(job_run_id).infrastructure_pid is None, "the job ran in the session's process, no worker's"
     job_folder = job_folder_of(callback)
 
     os.kill(session_process, signal.SIGKILL)
@@ -425,7 +426,7 @@ def test_concurrent_sessions_finish_every_job_exactly_once_with_bounded_worker_m
     stack: StackState, database, tmp_path: Path
 ) -> None:
     with separate_database(database, "load") as (name, own):
-        report = run_load(own, name, stack.processes["process-worker"], sessions=2, series=5, folder=tmp_path,
+        report = run_load(own, name, stack.processes, sessions=2, series=5, folder=tmp_path,
                           timeout_seconds=600)
 
     assert report.sessions_completed == 2
