@@ -12,7 +12,9 @@ several ways, each repeated, and prints and writes into docs/benchmarks.md the m
 - building a venv worker's environment with pip against uv, with a cold and a warm package cache;
 - a docker job against a raw `docker run` of the same image (bench/containers.py).
 
-Every figure comes from records, the Prefect API or a clock around the command, never from a sleep.
+Each part runs on an embedded stack of its own, started for it and stopped afterwards, so that no earlier
+run in the Prefect server's database weighs on the figures. Every figure comes from records, the Prefect
+API or a clock around the command, never from a sleep.
 `--parts jobs`, `--parts install` or `--parts docker` runs one part.
 """
 
@@ -27,7 +29,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +54,15 @@ from flows.runtime.components import Component, register_service
 from flows.runtime.records import JobRecord, PlatformRecords
 from flows.runtime.wheelhouse import build_wheelhouse
 from flows.session import DEFAULT_MAX_PARALLEL_JOBS
-from flows.stack import DATABASE_BLOCK, DEFAULT_HOME, PROCESS_POOL, PROJECT_DIR, LocalStack, docker_engine_answers
+from flows.stack import (
+    DATABASE_BLOCK,
+    DEFAULT_HOME,
+    PROCESS_POOL,
+    PROJECT_DIR,
+    LocalStack,
+    StackState,
+    docker_engine_answers,
+)
 from flows.submit import SESSION_DEPLOYMENT, submit_job, wait_for_run
 
 STOCK_DEPLOYMENT = "bench-one-task/stock"
@@ -117,11 +128,12 @@ def starts(marker: Path) -> dict[str, float]:
 class Bench:
     """The embedded stack, a database of the bench's own, and the trivial service registered in it."""
 
-    def __init__(self, database: DcmDatabase, block: str, folder: Path, processes: dict[str, int]) -> None:
+    def __init__(self, database: DcmDatabase, block: str, folder: Path, stack: LocalStack, state: StackState) -> None:
         self.database = database
         self.block = block
         self.folder = folder
-        self.processes = processes
+        self.stack = stack
+        self.state = state
         self.marker = folder / "callbacks"
         self.records = PlatformRecords(database.open())
         register_service(self.records, bench_component(folder / "component", self.marker))
@@ -151,6 +163,14 @@ class Bench:
         assert run.start_time is not None and run.end_time is not None
         return (starts(self.marker)[job_id] - triggered, (run.end_time - run.start_time).total_seconds(),
                 run.end_time.timestamp() - triggered)
+
+    def deployment_job_without_warm_engine(self) -> tuple[float, float, float]:
+        """`deployment_job` with the warm engine stopped: the job command starts a fresh engine process."""
+        self.stack.stop_warm_engine(self.state)
+        try:
+            return self.deployment_job()
+        finally:
+            self.stack.start_workers(self.state)
 
     def stock_start(self) -> float:
         """Trigger to first task line of a stock one-task flow on the same pool and worker."""
@@ -240,14 +260,19 @@ def deploy_stock_flow() -> None:
 def measure(bench: Bench, repeats: int, baseline_repeats: int, session_sizes: list[int]) -> str:
     """Run every measurement; return the markdown section."""
     raw = repeat("callback as a raw subprocess", repeats * 2, bench.raw_callback)
-    deployment = [bench.deployment_job() for _ in range(repeats)]
+    samples = [(bench.deployment_job(), bench.deployment_job_without_warm_engine()) for _ in range(repeats)]
+    deployment = [warm for warm, _ in samples]
+    fresh_start = Figure("trigger to callback start, `submit_job`, warm engine stopped (a fresh engine process)",
+                         [fresh[0] for _, fresh in samples])
     start = Figure("trigger to callback start, `submit_job` (dcm-job)", [sample[0] for sample in deployment])
     job_run = Figure("dcm-job deployment run, flow run duration", [sample[1] for sample in deployment])
     job_total = Figure("dcm-job deployment run, trigger to end", [sample[2] for sample in deployment])
     stock = repeat("trigger to task start, stock one-task flow", repeats, bench.stock_start)
-    rows = [raw.row(), job_run.row(raw), job_total.row(raw), stock.row(), start.row(stock)]
+    rows = [raw.row(), job_run.row(raw), job_total.row(raw), stock.row(), fresh_start.row(stock), start.row(stock),
+            f"| trigger to callback start, `submit_job`, with against without the warm engine | "
+            f"{start.median / fresh_start.median:.2f}x | | | {repeats} pairs | |"]
     sessions: list[str] = []
-    sampler = MemorySampler(bench.processes["process-worker"], bench.processes["warm-engine"])
+    sampler = MemorySampler(bench.state.processes["process-worker"], bench.state.processes["warm-engine"])
     sampler.start()
     for size in session_sizes:
         series = (size - 2) // 2
@@ -368,17 +393,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@contextmanager
+def fresh_stack(folder: Path) -> Iterator[tuple[LocalStack, StackState]]:
+    """An embedded stack of its own below `folder`, stopped afterwards: the figures must not depend on the
+    runs an earlier bench (or demo) left in the Prefect server's database, nor on work it still does."""
+    stack = LocalStack(folder / "stack")
+    try:
+        state = stack.start()
+        with stack.connected(state):
+            yield stack, state
+    finally:
+        stack.stop()
+
+
 def measure_jobs(options: argparse.Namespace, folder: Path) -> str:
     """The job, trigger and session figures, on the embedded stack and a database of the bench's own."""
-    stack = LocalStack(DEFAULT_HOME)
-    state = stack.start()
-    with stack.connected(state):
+    with fresh_stack(folder) as (stack, state):
         deploy_stock_flow()
         name = f"bench-{uuid.uuid4().hex[:8]}"
         database = DcmDatabase.load(DATABASE_BLOCK).with_database_name(name)
         database.save(name, overwrite=True)
         try:
-            bench = Bench(database, name, folder, state.processes)
+            bench = Bench(database, name, folder, stack, state)
             return measure(bench, options.repeats, options.baseline_repeats, options.sessions)
         finally:
             database.open().db.get_db().client.drop_database(name)
@@ -390,8 +426,7 @@ def measure_docker_jobs(repeats: int, folder: Path) -> str:
     wheelhouse = build_wheelhouse(DEFAULT_HOME / "wheelhouse")
     layers = [repeat(f"runtime layer on the base image, {installer}, no build cache", repeats,
                      functools.partial(runtime_layer_build, wheelhouse, installer)) for installer in ("pip", "uv")]
-    stack = LocalStack(DEFAULT_HOME)
-    with stack.connected(stack.start()):
+    with fresh_stack(folder):
         bench = ContainerBench(folder)
         image = bench.install()
         try:

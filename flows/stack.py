@@ -216,6 +216,11 @@ class LocalStack:
         self._spawn_database(state)
         self._wait_for_database(state)
 
+    def stop_warm_engine(self, state: StackState) -> None:
+        """Stop the warm engine, and the runs it forked: process-pool runs then start a fresh engine
+        process until `start_workers` starts it again."""
+        _terminate(state.processes["warm-engine"])
+
     def _spawn_server(self, state: StackState) -> None:
         port = str(urlsplit(state.api_url).port)
         state.processes["prefect-server"] = self._spawn("prefect-server", [

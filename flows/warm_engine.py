@@ -29,6 +29,7 @@ from __future__ import annotations
 import array
 import contextlib
 import functools
+import gc
 import json
 import os
 import signal
@@ -104,13 +105,19 @@ class RunRequest:
 def run_flow_run() -> NoReturn:
     """The job command: run this process's flow run in the warm engine, or be `python -m prefect.engine`."""
     connection = _connect(os.environ.get(SOCKET_VARIABLE, ""))
-    replies = connection.makefile("r") if connection else None
-    pid = _hand_over(connection, replies) if connection and replies else None
-    if replies is None or pid is None:
-        os.execv(sys.executable, [sys.executable, "-m", "prefect.engine"])
+    if connection is None:
+        _become_a_fresh_engine()
+    replies = connection.makefile("r")
+    pid = _hand_over(connection, replies)
+    if pid is None:
+        _become_a_fresh_engine()
     for forwarded in (signal.SIGTERM, signal.SIGINT):
         signal.signal(forwarded, lambda signal_number, _frame: _signal(pid, signal_number))
     _exit_as(_wait_for_exit(replies, pid))
+
+
+def _become_a_fresh_engine() -> NoReturn:
+    os.execv(sys.executable, [sys.executable, "-m", "prefect.engine"])
 
 
 def _connect(path: str) -> socket.socket | None:
@@ -142,7 +149,10 @@ def _hand_over(connection: socket.socket, replies: TextIO) -> int | None:
 
 def _wait_for_exit(replies: TextIO, pid: int) -> int:
     """The run's exit code as the warm engine reports it (negative: killed by that signal)."""
-    answer = replies.readline().split()
+    try:
+        answer = replies.readline().split()
+    except OSError:
+        answer = []
     if answer[:1] == ["exited"]:
         return int(answer[1])
     while _signal(pid, 0):  # the warm engine itself died: wait for the run it forked
@@ -217,9 +227,11 @@ class WarmEngine:
         """Serve until killed. A forked run leaves this method by raising SystemExit when it ends."""
         import selectors
 
+        gc.disable()  # what is imported is kept for good: no collection should leave holes in its pages
         for module in PRELOADED_MODULES:
             __import__(module)
         share_tls_contexts_between_prefect_clients()
+        gc.freeze()  # the runs' collections then skip the imported objects, and leave their pages shared
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         self.socket_path.unlink(missing_ok=True)
         self.listener.bind(str(self.socket_path))
@@ -278,6 +290,7 @@ class WarmEngine:
 
     def _become_the_run(self, connection: socket.socket, request: RunRequest, streams: list[int]) -> NoReturn:
         """In the forked child: drop the server's resources, take the client's process identity, run."""
+        gc.enable()
         signal.set_wakeup_fd(-1)
         for resource in (self.listener, *self.runs.values()):
             resource.close()

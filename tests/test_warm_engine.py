@@ -32,8 +32,7 @@ def job_command_of(flow_run_id: object) -> int:
 @contextmanager
 def warm_engine_stopped(stack: StackState, local_stack: LocalStack) -> Iterator[None]:
     """The host's warm engine is down; it is started again however the test ends."""
-    os.kill(stack.processes["warm-engine"], signal.SIGTERM)
-    eventually(lambda: not process_alive(stack.processes["warm-engine"]), timeout=15)
+    local_stack.stop_warm_engine(stack)
     try:
         yield
     finally:
