@@ -109,6 +109,11 @@ def eventually(condition: Callable[[], Any], timeout: float = 60, interval: floa
     raise AssertionError(f"condition not met within {timeout} s")
 
 
+def running_callback(pid_file: Path) -> int:
+    """The pid of a sleeper job's callback (tests/platform.py), once it has started."""
+    return int(eventually(lambda: pid_file.exists() and pid_file.read_text(), timeout=120))
+
+
 def finished(flow_run_id: UUID, timeout: float = 180) -> FlowRun:
     return wait_for_run(flow_run_id, timeout_seconds=timeout)
 

@@ -28,7 +28,7 @@ from bench.load import run_load
 from flows.crash import MISSED_HEARTBEATS_SECONDS
 from flows.stack import LocalStack, StackState
 from flows.submit import submit_job, submit_session
-from tests.conftest import eventually, finished, read_flow_run, separate_database
+from tests.conftest import eventually, finished, read_flow_run, running_callback, separate_database
 from tests.platform import Platform, job_folder_of, parent_of, process_alive, zip_files
 
 pytestmark = pytest.mark.integration
@@ -241,10 +241,6 @@ def test_a_callback_gets_a_private_folder_and_none_of_the_workers_credentials(
 
 CRASH_DETECTION_SECONDS = 120
 WORKER_MEMORY_BOUND_MB = 400
-
-
-def running_callback(pid_file: Path) -> int:
-    return int(eventually(lambda: pid_file.exists() and pid_file.read_text(), timeout=120))
 
 
 def test_a_killed_flow_run_process_is_crashed_by_its_worker_and_recorded_on_the_job(

@@ -16,12 +16,8 @@ from prefect.client.orchestration import SyncPrefectClient
 from flows.stack import LocalStack, StackState
 from flows.submit import submit_job
 from flows.warm_engine import share_tls_contexts_between_prefect_clients
-from tests.conftest import eventually, finished, read_flow_run
+from tests.conftest import eventually, finished, read_flow_run, running_callback
 from tests.platform import Platform, job_folder_of, parent_of, process_alive
-
-
-def running_callback(pid_file: Path) -> int:
-    return int(eventually(lambda: pid_file.exists() and pid_file.read_text(), timeout=120))
 
 
 def job_command_of(flow_run_id: object) -> int:
