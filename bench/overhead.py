@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             sections["overhead"] = measure_jobs(options, Path(folder))
         if "docker" in options.parts:
             if docker_engine_answers():
-                sections["docker"] = measure_docker_jobs(options.repeats, Path(folder) / "container")
+                sections["docker"] = measure_docker_jobs(options.repeats, Path(folder))
             else:
                 print("no Docker engine answers: the docker part is not measured (.ci/docker-engine.sh starts one)")
     for marker, section in sections.items():
@@ -394,10 +394,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextmanager
-def fresh_stack(folder: Path) -> Iterator[tuple[LocalStack, StackState]]:
-    """An embedded stack of its own below `folder`, stopped afterwards: the figures must not depend on the
-    runs an earlier bench (or demo) left in the Prefect server's database, nor on work it still does."""
-    stack = LocalStack(folder / "stack")
+def fresh_stack(home: Path) -> Iterator[tuple[LocalStack, StackState]]:
+    """An embedded stack of its own in the new folder `home`, stopped afterwards: the figures must not depend
+    on the runs an earlier bench (or demo) left in the Prefect server's database, nor on work it still does."""
+    stack = LocalStack(home)
     try:
         state = stack.start()
         with stack.connected(state):
@@ -408,7 +408,7 @@ def fresh_stack(folder: Path) -> Iterator[tuple[LocalStack, StackState]]:
 
 def measure_jobs(options: argparse.Namespace, folder: Path) -> str:
     """The job, trigger and session figures, on the embedded stack and a database of the bench's own."""
-    with fresh_stack(folder) as (stack, state):
+    with fresh_stack(folder / "jobs-stack") as (stack, state):
         deploy_stock_flow()
         name = f"bench-{uuid.uuid4().hex[:8]}"
         database = DcmDatabase.load(DATABASE_BLOCK).with_database_name(name)
@@ -426,8 +426,8 @@ def measure_docker_jobs(repeats: int, folder: Path) -> str:
     wheelhouse = build_wheelhouse(DEFAULT_HOME / "wheelhouse")
     layers = [repeat(f"runtime layer on the base image, {installer}, no build cache", repeats,
                      functools.partial(runtime_layer_build, wheelhouse, installer)) for installer in ("pip", "uv")]
-    with fresh_stack(folder):
-        bench = ContainerBench(folder)
+    with fresh_stack(folder / "docker-stack"):
+        bench = ContainerBench(folder / "container")
         image = bench.install()
         try:
             raw = [bench.raw_run(image) for _ in range(repeats * 2)]
