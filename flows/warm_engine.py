@@ -317,11 +317,9 @@ def _answer(connection: socket.socket, line: str) -> None:
 
 def _die_with_the_client(connection: socket.socket) -> None:
     """The client sends nothing after its request, so the end of the stream means it is gone."""
-    try:
+    with contextlib.suppress(OSError):
         while connection.recv(1):
             pass
-    except OSError:
-        pass
     os.kill(os.getpid(), signal.SIGKILL)
 
 
