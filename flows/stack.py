@@ -245,19 +245,16 @@ class LocalStack:
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)]),
             SOCKET_VARIABLE: str(self.warm_engine_socket),
         }
-        if not ("warm-engine" in state.processes and _alive(state.processes["warm-engine"])):
-            state.processes["warm-engine"] = self._spawn("warm-engine", [
-                sys.executable, "-m", "flows.warm_engine", "serve", str(self.warm_engine_socket),
-            ], worker_environment)
-        pools = {"process-worker": (PROCESS_POOL, "process")}
+        worker = [_executable("prefect"), "worker", "start", "--pool"]
+        commands = {
+            "warm-engine": [sys.executable, "-m", "flows.warm_engine", "serve", str(self.warm_engine_socket)],
+            "process-worker": [*worker, PROCESS_POOL, "--type", "process"],
+        }
         if docker_engine_answers():
-            pools["docker-worker"] = (DOCKER_POOL, "docker")
-        for name, (pool, worker_type) in pools.items():
-            if name in state.processes and _alive(state.processes[name]):
-                continue
-            state.processes[name] = self._spawn(name, [
-                _executable("prefect"), "worker", "start", "--pool", pool, "--type", worker_type,
-            ], worker_environment)
+            commands["docker-worker"] = [*worker, DOCKER_POOL, "--type", "docker"]
+        for name, command in commands.items():
+            if not (name in state.processes and _alive(state.processes[name])):
+                state.processes[name] = self._spawn(name, command, worker_environment)
         self._save(state)
         _wait("the warm engine", lambda: _socket_answers(self.warm_engine_socket), self.logs / "warm-engine.log")
 

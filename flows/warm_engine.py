@@ -257,14 +257,10 @@ class WarmEngine:
         try:
             request, streams = RunRequest.receive(connection)
         except (OSError, ValueError) as error:
-            _answer(connection, f"refused {type(error).__name__}")
-            connection.close()
+            _refuse(connection, type(error).__name__, [])
             return
         if request.executable != sys.executable:
-            _answer(connection, "refused another-interpreter")
-            connection.close()
-            for stream in streams:
-                os.close(stream)
+            _refuse(connection, "another-interpreter", streams)
             return
         connection.settimeout(None)
         pid = os.fork()
@@ -308,6 +304,14 @@ class WarmEngine:
         os.environ.update(request.environment)
         threading.Thread(target=_die_with_the_client, args=(connection,), daemon=True).start()
         _run_the_engine(configure_logging=_logging_variables(os.environ) != logging_configured)
+
+
+def _refuse(connection: socket.socket, reason: str, streams: list[int]) -> None:
+    """Tell the client to start a fresh engine itself, and let go of what it handed over."""
+    _answer(connection, f"refused {reason}")
+    connection.close()
+    for stream in streams:
+        os.close(stream)
 
 
 def _answer(connection: socket.socket, line: str) -> None:
