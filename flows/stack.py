@@ -35,6 +35,8 @@ from pydantic import SecretStr
 from blocks.database import ENVIRONMENT_NAME, ENVIRONMENT_PROVIDER, ENVIRONMENT_URL, DcmDatabase
 from blocks.host import WorkerHost
 from flows.crash import ensure_crash_automations
+from flows.docker_worker import WORKER_TYPE as DOCKER_WORKER_TYPE
+from flows.docker_worker import PlatformDockerWorker
 from flows.session import limit_sessions_at_once
 from flows.warm_engine import SOCKET_VARIABLE
 
@@ -251,7 +253,7 @@ class LocalStack:
             "process-worker": [*worker, PROCESS_POOL, "--type", "process"],
         }
         if docker_engine_answers():
-            commands["docker-worker"] = [*worker, DOCKER_POOL, "--type", "docker"]
+            commands["docker-worker"] = [*worker, DOCKER_POOL, "--type", DOCKER_WORKER_TYPE]
         for name, command in commands.items():
             if not (name in state.processes and _alive(state.processes[name])):
                 state.processes[name] = self._spawn(name, command, worker_environment)
@@ -308,10 +310,9 @@ def create_work_pools() -> None:
     """The `dcm-process` and `dcm-docker` work pools, with their worker types' default job templates
     (an existing pool is updated, as `prefect work-pool create --overwrite` does)."""
     from prefect.workers.process import ProcessWorker
-    from prefect_docker.worker import DockerWorker
 
     with get_client(sync_client=True) as client:
-        for name, worker in ((PROCESS_POOL, ProcessWorker), (DOCKER_POOL, DockerWorker)):
+        for name, worker in ((PROCESS_POOL, ProcessWorker), (DOCKER_POOL, PlatformDockerWorker)):
             client.create_work_pool(WorkPoolCreate(
                 name=name, type=worker.type, base_job_template=worker.get_default_base_job_template(),
             ), overwrite=True)

@@ -174,7 +174,6 @@ class DockerWorker(WorkerType):
             "command": f"{RUNTIME_VENV}/bin/python -m prefect.engine",
             "image_pull_policy": worker.setting("image_pull_policy", str, default="IfNotPresent"),
             "network_mode": worker.setting("network_mode", str, default="host"),
-            "auto_remove": True,
             "env": {
                 **(run_options.get("environment") or {}), **flow_run_variables(),
                 "HOME": "/tmp", "PREFECT_HOME": "/tmp/prefect",
