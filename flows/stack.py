@@ -35,8 +35,7 @@ from pydantic import SecretStr
 from blocks.database import ENVIRONMENT_NAME, ENVIRONMENT_PROVIDER, ENVIRONMENT_URL, DcmDatabase
 from blocks.host import WorkerHost
 from flows.crash import ensure_crash_automations
-from flows.docker_worker import WORKER_TYPE as DOCKER_WORKER_TYPE
-from flows.docker_worker import PlatformDockerWorker
+from flows.pool_workers import DOCKER_WORKER_TYPE, PROCESS_WORKER_TYPE, PlatformDockerWorker, PlatformProcessWorker
 from flows.session import limit_sessions_at_once
 from flows.warm_engine import SOCKET_VARIABLE
 
@@ -250,7 +249,7 @@ class LocalStack:
         worker = [_executable("prefect"), "worker", "start", "--pool"]
         commands = {
             "warm-engine": [sys.executable, "-m", "flows.warm_engine", "serve", str(self.warm_engine_socket)],
-            "process-worker": [*worker, PROCESS_POOL, "--type", "process"],
+            "process-worker": [*worker, PROCESS_POOL, "--type", PROCESS_WORKER_TYPE],
         }
         if docker_engine_answers():
             commands["docker-worker"] = [*worker, DOCKER_POOL, "--type", DOCKER_WORKER_TYPE]
@@ -309,10 +308,8 @@ class LocalStack:
 def create_work_pools() -> None:
     """The `dcm-process` and `dcm-docker` work pools, with their worker types' default job templates
     (an existing pool is updated, as `prefect work-pool create --overwrite` does)."""
-    from prefect.workers.process import ProcessWorker
-
     with get_client(sync_client=True) as client:
-        for name, worker in ((PROCESS_POOL, ProcessWorker), (DOCKER_POOL, PlatformDockerWorker)):
+        for name, worker in ((PROCESS_POOL, PlatformProcessWorker), (DOCKER_POOL, PlatformDockerWorker)):
             client.create_work_pool(WorkPoolCreate(
                 name=name, type=worker.type, base_job_template=worker.get_default_base_job_template(),
             ), overwrite=True)

@@ -1,0 +1,144 @@
+"""The workers of the platform's two work pools: Prefect's own, with two changes.
+
+* **Both wake up for new runs.** A stock worker finds a new flow run at its next poll, on average half
+  a poll interval after the run was created. These workers also listen to the server's event stream
+  for `prefect.flow-run.Scheduled` events of their pool and poll at once; the regular polls go on, so a
+  run is still found if the stream is down.
+* **The docker worker removes each container itself**, after reading its exit code. prefect-docker reads
+  a run's outcome from that code, and with Docker's auto-remove a container that exits at once (its
+  runtime cannot start, say) can be gone before the worker looks: prefect-docker then reports the code
+  of the container as created, 0, and the run stays Pending for good.
+
+Prefect finds them by worker type, through this project's `prefect.collections` entry point:
+`prefect worker start --pool dcm-process --type dcm-process` and `--pool dcm-docker --type dcm-docker`.
+The pools keep their types, `process` and `docker`, and the same job templates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+from prefect.events.clients import get_events_subscriber
+from prefect.events.filters import EventAnyResourceFilter, EventFilter, EventNameFilter
+from prefect.utilities.asyncutils import run_sync_in_worker_thread
+from prefect.workers.process import ProcessWorker
+from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration, DockerWorkerResult
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.workers.base import BaseWorker
+
+    _Worker = BaseWorker[Any, Any, Any]
+else:
+    _Worker = object
+
+PROCESS_WORKER_TYPE = "dcm-process"
+DOCKER_WORKER_TYPE = "dcm-docker"
+NEW_RUN_EVENT = "prefect.flow-run.Scheduled"
+LISTEN_RETRY_SECONDS = 5.0
+FLOW_RUN_LABEL = "io.prefect.flow-run-id"
+STOPPED_STATUSES = ("created", "exited", "dead")
+
+
+class WakesOnNewRuns(_Worker):
+    """Mixed into a Prefect worker class: poll as soon as a run is scheduled in the worker's pool.
+
+    Events that arrive while a poll is under way ask for one more poll after it, so a burst of new
+    runs (a session's jobs) costs a poll or two, not one per run.
+    """
+
+    async def setup(self) -> None:
+        await super().setup()
+        self._new_runs = anyio.Event()
+        self._listening = anyio.create_task_group()
+        await self._listening.__aenter__()
+        self._listening.start_soon(self._listen_for_new_runs)
+        self._listening.start_soon(self._poll_when_woken)
+
+    async def teardown(self, *exc_info: Any) -> None:
+        self._listening.cancel_scope.cancel()
+        await self._listening.__aexit__(None, None, None)
+        await super().teardown(*exc_info)
+
+    async def _listen_for_new_runs(self) -> None:
+        while True:
+            try:
+                async with get_events_subscriber(filter=self._new_runs_of_this_pool()) as subscriber:
+                    async for _ in subscriber:
+                        self._new_runs.set()
+            except Exception as error:  # the regular polls carry on meanwhile
+                self._logger.warning(
+                    "not listening for new flow runs (%s: %s); polling only, trying again in %s s",
+                    type(error).__name__, error, LISTEN_RETRY_SECONDS,
+                )
+            await anyio.sleep(LISTEN_RETRY_SECONDS)
+
+    def _new_runs_of_this_pool(self) -> EventFilter:
+        """Scheduled-run events related to this worker's pool (known once the worker has synced)."""
+        pool_id = self.work_pool.id
+        return EventFilter(
+            event=EventNameFilter(name=[NEW_RUN_EVENT]),
+            any_resource=EventAnyResourceFilter(id=[f"prefect.work-pool.{pool_id}"]),
+        )
+
+    async def _poll_when_woken(self) -> None:
+        while True:
+            await self._new_runs.wait()
+            self._new_runs = anyio.Event()
+            try:
+                await self.get_and_submit_flow_runs()
+            except Exception:  # as after a failed regular poll, the next one tries again
+                self._logger.exception("polling for new flow runs failed")
+
+
+class PlatformProcessWorker(WakesOnNewRuns, ProcessWorker):
+    """Prefect's process worker, woken by new runs."""
+
+    _display_name = "Process (dcm-processor)"
+
+    @classmethod
+    def __dispatch_key__(cls) -> str:
+        """Registered apart from Prefect's process worker, whose key is its `type`, which this one keeps."""
+        return PROCESS_WORKER_TYPE
+
+
+class PlatformDockerWorker(WakesOnNewRuns, DockerWorker):
+    """prefect-docker's worker, woken by new runs; it removes each container once its exit code is read."""
+
+    _display_name = "Docker (dcm-processor)"
+
+    @classmethod
+    def __dispatch_key__(cls) -> str:
+        """Registered apart from prefect-docker's worker, whose key is its `type`, which this one keeps."""
+        return DOCKER_WORKER_TYPE
+
+    async def run(
+        self,
+        flow_run: FlowRun,
+        configuration: DockerWorkerJobConfiguration,
+        task_status: anyio.abc.TaskStatus[str] | None = None,
+    ) -> DockerWorkerResult:
+        configuration.auto_remove = False
+        try:
+            return await super().run(flow_run, configuration, task_status)
+        finally:
+            await run_sync_in_worker_thread(self._remove_containers_of, str(flow_run.id))
+
+    def _remove_containers_of(self, flow_run_id: str) -> None:
+        """Remove the run's containers that are not running: also one that was created but failed to start.
+
+        A running one is left alone: the worker stopping is no reason to end its job.
+        """
+        from docker.errors import NotFound
+
+        client = self._get_client()
+        filters = {"label": f"{FLOW_RUN_LABEL}={flow_run_id}", "status": list(STOPPED_STATUSES)}
+        try:
+            for container in client.containers.list(all=True, filters=filters):
+                with contextlib.suppress(NotFound):
+                    container.remove(force=True)
+        finally:
+            client.close()
