@@ -43,6 +43,8 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_HOME = Path(os.environ.get("DCM_FLOWS_HOME", PROJECT_DIR / ".dcm-flows"))
 PROCESS_POOL = "dcm-process"
 DOCKER_POOL = "dcm-docker"
+WORKER_STARTED = "started!"
+"""What a Prefect worker prints once it polls."""
 DATABASE_NAME = "dcm-processor"
 DATABASE_BLOCK = "default"
 START_TIMEOUT_SECONDS = 90
@@ -238,7 +240,16 @@ class LocalStack:
         self._spawn_server(state)
         self._wait_for_server(state)
 
-    def start_workers(self, state: StackState) -> None:
+    def replace_process_worker(self, state: StackState, worker_type: str = PROCESS_WORKER_TYPE) -> None:
+        """Replace the process worker by one of `worker_type` (`process` is Prefect's own, which the bench
+        compares with this project's); return once it has started."""
+        _terminate(state.processes["process-worker"])
+        log = self.logs / "process-worker.log"
+        starts = log.read_text().count(WORKER_STARTED)
+        self.start_workers(state, worker_type)
+        _wait("the process worker", lambda: log.read_text().count(WORKER_STARTED) > starts, log)
+
+    def start_workers(self, state: StackState, process_worker_type: str = PROCESS_WORKER_TYPE) -> None:
         """Start the workers that are not running (all of them on a fresh stack), as a service manager
         would restart a worker that died."""
         worker_environment = {
@@ -249,7 +260,7 @@ class LocalStack:
         worker = [_executable("prefect"), "worker", "start", "--pool"]
         commands = {
             "warm-engine": [sys.executable, "-m", "flows.warm_engine", "serve", str(self.warm_engine_socket)],
-            "process-worker": [*worker, PROCESS_POOL, "--type", PROCESS_WORKER_TYPE],
+            "process-worker": [*worker, PROCESS_POOL, "--type", process_worker_type],
         }
         if docker_engine_answers():
             commands["docker-worker"] = [*worker, DOCKER_POOL, "--type", DOCKER_WORKER_TYPE]

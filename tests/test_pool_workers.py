@@ -17,7 +17,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 
 from flows.pool_workers import PROCESS_WORKER_TYPE, PlatformProcessWorker
-from flows.stack import StackState
+from flows.stack import WORKER_STARTED, StackState
 from tests.conftest import finished, read_flow_run
 
 POLL_SECONDS = 300
@@ -50,7 +50,7 @@ def slow_polling_pool(stack: StackState, tmp_path: Path) -> Iterator[str]:
     try:
         assert worker.stdout is not None
         for line in worker.stdout:
-            if "started!" in line:
+            if WORKER_STARTED in line:
                 break
         time.sleep(SUBSCRIBED_SECONDS)
         yield f"dcm-job/{pool}"
