@@ -183,7 +183,7 @@ class Bench:
             self.stack.replace_process_worker(self.state)
 
     def stock_start(self) -> float:
-        """Trigger to first task line of a stock one-task flow on the same pool and worker."""
+        """Trigger to first task line of a stock one-task flow on the same pool (under `prefect_process_worker`)."""
         triggered = time.time()
         run = run_deployment(STOCK_DEPLOYMENT, parameters={"marker": str(self.folder / "stock")}, timeout=0)
         finished = wait_for_run(run.id, poll_seconds=0.05)

@@ -243,7 +243,7 @@ class LocalStack:
     def replace_process_worker(self, state: StackState, worker_type: str = PROCESS_WORKER_TYPE) -> None:
         """Replace the process worker by one of `worker_type` (`process` is Prefect's own, which the bench
         compares with this project's); return once it has started."""
-        _terminate(state.processes["process-worker"])
+        _terminate(state.processes.pop("process-worker"))
         log = self.logs / "process-worker.log"
         starts = log.read_text().count(WORKER_STARTED)
         self.start_workers(state, worker_type)
