@@ -17,8 +17,8 @@ from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 
 from flows.pool_workers import PROCESS_WORKER_TYPE, PlatformProcessWorker
-from flows.stack import WORKER_STARTED, StackState
-from tests.conftest import finished, read_flow_run
+from flows.stack import STOP_TIMEOUT_SECONDS, WORKER_STARTED, StackState
+from tests.conftest import eventually, finished, read_flow_run
 
 POLL_SECONDS = 300
 SUBSCRIBED_SECONDS = 3
@@ -40,26 +40,35 @@ def slow_polling_pool(stack: StackState, tmp_path: Path) -> Iterator[str]:
             job_variables=job.job_variables, parameter_openapi_schema=job.parameter_openapi_schema,
         )
     environment_bin = Path(sys.executable).parent
-    worker = subprocess.Popen(
-        [str(environment_bin / "prefect"), "worker", "start", "--pool", pool, "--type", PROCESS_WORKER_TYPE],
-        env={**os.environ, **stack.environment(), "PREFECT_HOME": str(tmp_path / "prefect"),
-             "PREFECT_WORKER_QUERY_SECONDS": str(POLL_SECONDS),
-             "PATH": os.pathsep.join([str(environment_bin), os.environ.get("PATH", os.defpath)])},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    log = tmp_path / "worker.log"
+    with log.open("w") as output:
+        worker = subprocess.Popen(
+            [str(environment_bin / "prefect"), "worker", "start", "--pool", pool, "--type", PROCESS_WORKER_TYPE],
+            env={**os.environ, **stack.environment(), "PREFECT_HOME": str(tmp_path / "prefect"),
+                 "PREFECT_WORKER_QUERY_SECONDS": str(POLL_SECONDS),
+                 "PATH": os.pathsep.join([str(environment_bin), os.environ.get("PATH", os.defpath)])},
+            stdout=output, stderr=subprocess.STDOUT,
+        )
     try:
-        assert worker.stdout is not None
-        for line in worker.stdout:
-            if WORKER_STARTED in line:
-                break
+        eventually(lambda: WORKER_STARTED in log.read_text(), timeout=90)
         time.sleep(SUBSCRIBED_SECONDS)
         yield f"dcm-job/{pool}"
     finally:
-        worker.terminate()
-        worker.wait(timeout=60)
+        _stop(worker)
         with get_client(sync_client=True) as client:
             client.delete_deployment(deployment)
             client.delete_work_pool(pool)
+
+
+def _stop(worker: subprocess.Popen[bytes]) -> None:
+    """Stop the worker as the stack does: SIGTERM, then SIGKILL if it has not exited within the stack's
+    timeout (Prefect's workers, this project's and its own, now and then take longer to shut down)."""
+    worker.terminate()
+    try:
+        worker.wait(timeout=STOP_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
 
 
 def test_a_process_worker_starts_a_new_run_long_before_its_next_poll(slow_polling_pool: str) -> None:
