@@ -7,7 +7,8 @@
 * **The docker worker removes each container itself**, after reading its exit code. prefect-docker reads
   a run's outcome from that code, and with Docker's auto-remove a container that exits at once (its
   runtime cannot start, say) can be gone before the worker looks: prefect-docker then reports the code
-  of the container as created, 0, and the run stays Pending for good.
+  of the container as created, 0, and the run stays Pending for good. At its start it removes the
+  stopped containers of ended runs that an earlier worker, killed mid-run, left behind.
 
 Prefect finds them by worker type, through this project's `prefect.collections` entry point:
 `prefect worker start --pool dcm-process --type dcm-process` and `--pool dcm-docker --type dcm-docker`.
@@ -18,9 +19,17 @@ from __future__ import annotations
 
 import contextlib
 from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 import anyio
 import anyio.abc
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventAnyResourceFilter, EventFilter, EventNameFilter
 from prefect.utilities.asyncutils import run_sync_in_worker_thread
@@ -41,6 +50,7 @@ NEW_RUN_EVENT = "prefect.flow-run.Scheduled"
 LISTEN_RETRY_SECONDS = 5.0
 FLOW_RUN_LABEL = "io.prefect.flow-run-id"
 STOPPED_STATUSES = ("created", "exited", "dead")
+FINAL_STATE_TYPES = [StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED]
 
 
 class WakesOnNewRuns(_Worker):
@@ -114,6 +124,37 @@ class PlatformDockerWorker(WakesOnNewRuns, DockerWorker):
     def __dispatch_key__(cls) -> str:
         """Registered apart from prefect-docker's worker, whose key is its `type`, which this one keeps."""
         return DOCKER_WORKER_TYPE
+
+    async def setup(self) -> None:
+        """Also remove what a worker before this one left: it removes containers after their runs, so one
+        that died (or was killed) mid-run leaves its containers behind once they stop."""
+        await super().setup()
+        try:
+            await self._remove_containers_of_ended_runs()
+        except Exception:  # the engine or the API not answering yet is no reason not to start
+            self._logger.exception("could not remove the containers earlier workers left")
+
+    async def _remove_containers_of_ended_runs(self) -> None:
+        left = await run_sync_in_worker_thread(self._stopped_containers_by_run)
+        if not left:
+            return
+        ended = await self.client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[UUID(flow_run_id) for flow_run_id in left]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=FINAL_STATE_TYPES)),
+        ))
+        for flow_run in ended:
+            await run_sync_in_worker_thread(self._remove_containers_of, str(flow_run.id))
+
+    def _stopped_containers_by_run(self) -> set[str]:
+        """The flow run ids of every stopped container a docker worker started on this engine."""
+        client = self._get_client()
+        try:
+            containers = client.containers.list(all=True, ignore_removed=True, filters={
+                "label": FLOW_RUN_LABEL, "status": list(STOPPED_STATUSES),
+            })
+        finally:
+            client.close()
+        return {container.labels[FLOW_RUN_LABEL] for container in containers}
 
     async def run(
         self,

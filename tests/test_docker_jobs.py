@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
 import zipfile
 
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
-from prefect.states import Cancelling
+from prefect.states import Cancelled, Cancelling, Running
 
+from flows.pool_workers import FLOW_RUN_LABEL
 from flows.runtime.records import WorkerRecord
 from flows.runtime.workers.docker import DockerWorker
+from flows.stack import LocalStack, StackState
 from flows.submit import submit_job, submit_session
 from tests.conftest import BASE_IMAGE, containers_matching, eventually, finished, read_logs
-from tests.platform import Platform
+from tests.platform import Platform, process_alive
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
@@ -163,6 +167,31 @@ def platform_runs_of_job(job_id: str) -> list:
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_=job_id)))
     return [run for run in runs if run.name.endswith(job_id)]
+
+
+def test_a_restarted_docker_worker_removes_the_stopped_containers_of_ended_runs_that_a_killed_one_left(
+    local_stack: LocalStack, stack: StackState, docker_client
+) -> None:
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("dcm-job/docker")
+        ended, unfinished = (client.create_flow_run_from_deployment(deployment.id, state=state, parameters={
+            "job_id": "0123456789abcdef01234567"}) for state in (Cancelled(), Running()))
+    left = {run.id: docker_client.containers.run(BASE_IMAGE, "true", detach=True,
+                                                 labels={FLOW_RUN_LABEL: str(run.id)}) for run in (ended, unfinished)}
+    try:
+        for container in left.values():
+            container.wait()
+        worker = stack.processes["docker-worker"]
+        os.kill(worker, signal.SIGKILL)
+        eventually(lambda: not process_alive(worker), timeout=15)
+        local_stack.start_workers(stack)  # as a service manager restarts a worker that died
+
+        eventually(lambda: containers_of(docker_client, ended.id) == [], timeout=90)
+        assert [container.id for container in containers_of(docker_client, unfinished.id)] == [left[unfinished.id].id]
+    finally:
+        left[unfinished.id].remove(force=True)
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(unfinished.id, Cancelled(), force=True)
 
 
 def test_gpu_and_resource_settings_become_the_containers_configuration(docker_client) -> None:
