@@ -265,7 +265,7 @@ class LocalStack:
         if docker_engine_answers():
             commands["docker-worker"] = [*worker, DOCKER_POOL, "--type", DOCKER_WORKER_TYPE]
         for name, command in commands.items():
-            if not (name in state.processes and _alive(state.processes[name])):
+            if not (name in state.processes and process_alive(state.processes[name])):
                 state.processes[name] = self._spawn(name, command, worker_environment)
         self._save(state)
         _wait("the warm engine", lambda: _socket_answers(self.warm_engine_socket), self.logs / "warm-engine.log")
@@ -343,13 +343,15 @@ def _terminate(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs. A zombie does not: a killed process with threads stays one, unreapable, until its
+    last thread has gone, and a worker restarted only after that would leave the pool without one meanwhile."""
     _reap(pid)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    return True
 
 
 def _reap(pid: int) -> None:

@@ -40,15 +40,6 @@ def run(session_id, job_name, headers, params, added_params, **kwargs):
 """
 
 
-def process_alive(pid: int) -> bool:
-    """Whether `pid` runs: a zombie does not, nor a process reaped while its record is being read."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-
-
 def parent_of(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as stat:
         return int(stat.read().rsplit(")", 1)[1].split()[1])

@@ -15,10 +15,10 @@ from prefect.states import Cancelled, Cancelling, Running
 from flows.pool_workers import FLOW_RUN_LABEL
 from flows.runtime.records import WorkerRecord
 from flows.runtime.workers.docker import DockerWorker
-from flows.stack import LocalStack, StackState
+from flows.stack import LocalStack, StackState, process_alive
 from flows.submit import submit_job, submit_session
 from tests.conftest import BASE_IMAGE, containers_matching, eventually, finished, read_logs
-from tests.platform import Platform, process_alive
+from tests.platform import Platform
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 

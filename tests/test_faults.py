@@ -26,10 +26,10 @@ from prefect.states import Cancelling, Scheduled
 
 from bench.load import run_load
 from flows.crash import MISSED_HEARTBEATS_SECONDS
-from flows.stack import LocalStack, StackState
+from flows.stack import LocalStack, StackState, process_alive
 from flows.submit import submit_job, submit_session
 from tests.conftest import eventually, finished, read_flow_run, running_callback, separate_database
-from tests.platform import Platform, job_folder_of, parent_of, process_alive, zip_files
+from tests.platform import Platform, job_folder_of, parent_of, zip_files
 
 pytestmark = pytest.mark.integration
 

@@ -22,10 +22,10 @@ from prefect.states import Cancelling
 
 from blocks.database import DcmDatabase
 from flows.runtime.environment import SERVICE_PREFIX
-from flows.stack import StackState
+from flows.stack import StackState, process_alive
 from flows.submit import submit_job
 from tests.conftest import eventually, finished, read_flow_run, read_logs
-from tests.platform import PATIENT_NAME, Platform, process_alive, zip_files
+from tests.platform import PATIENT_NAME, Platform, zip_files
 
 pytestmark = pytest.mark.integration
 

@@ -13,11 +13,11 @@ import prefect.client.orchestration as orchestration
 import pytest
 from prefect.client.orchestration import SyncPrefectClient
 
-from flows.stack import LocalStack, StackState
+from flows.stack import LocalStack, StackState, process_alive
 from flows.submit import submit_job
 from flows.warm_engine import share_tls_contexts_between_prefect_clients
 from tests.conftest import eventually, finished, read_flow_run, running_callback
-from tests.platform import Platform, job_folder_of, parent_of, process_alive
+from tests.platform import Platform, job_folder_of, parent_of
 
 
 def job_command_of(flow_run_id: object) -> int:
