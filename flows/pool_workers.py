@@ -135,7 +135,7 @@ class PlatformDockerWorker(WakesOnNewRuns, DockerWorker):
             self._logger.exception("could not remove the containers earlier workers left")
 
     async def _remove_containers_of_ended_runs(self) -> None:
-        left = await run_sync_in_worker_thread(self._stopped_containers_by_run)
+        left = await run_sync_in_worker_thread(self._runs_with_stopped_containers)
         if not left:
             return
         ended = await self.client.read_flow_runs(flow_run_filter=FlowRunFilter(
@@ -145,7 +145,7 @@ class PlatformDockerWorker(WakesOnNewRuns, DockerWorker):
         for flow_run in ended:
             await run_sync_in_worker_thread(self._remove_containers_of, str(flow_run.id))
 
-    def _stopped_containers_by_run(self) -> set[str]:
+    def _runs_with_stopped_containers(self) -> set[str]:
         """The flow run ids of every stopped container a docker worker started on this engine."""
         client = self._get_client()
         try:
