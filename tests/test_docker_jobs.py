@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
 import zipfile
 
 import pytest
+from docker.errors import NotFound
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 from prefect.states import Cancelled, Cancelling, Running
@@ -189,7 +191,9 @@ def test_a_restarted_docker_worker_removes_the_stopped_containers_of_ended_runs_
         eventually(lambda: containers_of(docker_client, ended.id) == [], timeout=90)
         assert [container.id for container in containers_of(docker_client, unfinished.id)] == [left[unfinished.id].id]
     finally:
-        left[unfinished.id].remove(force=True)
+        for container in left.values():
+            with contextlib.suppress(NotFound):
+                container.remove(force=True)
         with get_client(sync_client=True) as client:
             client.set_flow_run_state(unfinished.id, Cancelled(), force=True)
 
