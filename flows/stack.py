@@ -249,14 +249,19 @@ class LocalStack:
         self.start_workers(state, worker_type)
         _wait("the process worker", lambda: log.read_text().count(WORKER_STARTED) > starts, log)
 
-    def start_workers(self, state: StackState, process_worker_type: str = PROCESS_WORKER_TYPE) -> None:
-        """Start the workers that are not running (all of them on a fresh stack), as a service manager
-        would restart a worker that died."""
-        worker_environment = {
+    def worker_environment(self, state: StackState) -> dict[str, str]:
+        """What the stack's workers (and their runs) are started with, beyond this process's environment:
+        the stack's API and database, this environment's `bin` first on PATH, the warm engine's socket."""
+        return {
             **self._prefect_environment(state.api_url), **state.environment(),
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)]),
             SOCKET_VARIABLE: str(self.warm_engine_socket),
         }
+
+    def start_workers(self, state: StackState, process_worker_type: str = PROCESS_WORKER_TYPE) -> None:
+        """Start the workers that are not running (all of them on a fresh stack), as a service manager
+        would restart a worker that died."""
+        worker_environment = self.worker_environment(state)
         worker = [_executable("prefect"), "worker", "start", "--pool"]
         commands = {
             "warm-engine": [sys.executable, "-m", "flows.warm_engine", "serve", str(self.warm_engine_socket)],

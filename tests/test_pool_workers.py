@@ -17,7 +17,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 
 from flows.pool_workers import PROCESS_WORKER_TYPE, PlatformProcessWorker
-from flows.stack import STOP_TIMEOUT_SECONDS, WORKER_STARTED, StackState
+from flows.stack import STOP_TIMEOUT_SECONDS, WORKER_STARTED, LocalStack, StackState
 from tests.conftest import eventually, finished, read_flow_run
 
 POLL_SECONDS = 300
@@ -25,7 +25,7 @@ SUBSCRIBED_SECONDS = 3
 
 
 @pytest.fixture
-def slow_polling_pool(stack: StackState, tmp_path: Path) -> Iterator[str]:
+def slow_polling_pool(local_stack: LocalStack, stack: StackState, tmp_path: Path) -> Iterator[str]:
     """A process pool of its own with the `dcm-job` flow deployed on it, and one of this project's process
     workers polling it every 5 minutes; yields the deployment's name."""
     pool = f"wake-{uuid.uuid4().hex[:8]}"
@@ -39,14 +39,13 @@ def slow_polling_pool(stack: StackState, tmp_path: Path) -> Iterator[str]:
             flow_id=job.flow_id, name=pool, work_pool_name=pool, entrypoint=job.entrypoint,
             job_variables=job.job_variables, parameter_openapi_schema=job.parameter_openapi_schema,
         )
-    environment_bin = Path(sys.executable).parent
     log = tmp_path / "worker.log"
     with log.open("w") as output:
         worker = subprocess.Popen(
-            [str(environment_bin / "prefect"), "worker", "start", "--pool", pool, "--type", PROCESS_WORKER_TYPE],
-            env={**os.environ, **stack.environment(), "PREFECT_HOME": str(tmp_path / "prefect"),
-                 "PREFECT_WORKER_QUERY_SECONDS": str(POLL_SECONDS),
-                 "PATH": os.pathsep.join([str(environment_bin), os.environ.get("PATH", os.defpath)])},
+            [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool,
+             "--type", PROCESS_WORKER_TYPE],
+            env={**os.environ, **local_stack.worker_environment(stack),
+                 "PREFECT_WORKER_QUERY_SECONDS": str(POLL_SECONDS)},
             stdout=output, stderr=subprocess.STDOUT,
         )
     try:
