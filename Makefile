@@ -12,15 +12,15 @@ install: $(BIN)/dcm-flows
 $(BIN)/dcm-flows: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip uv
-	$(BIN)/python -m uv pip install --quiet --compile-bytecode --python $(BIN)/python -e '.[embedded,test]'
-	$(BIN)/python -m compileall -q flows blocks
+	$(BIN)/python -m uv pip install --quiet --compile-bytecode --python $(BIN)/python -e '.[embedded,demo,test]'
+	$(BIN)/python -m compileall -q flows blocks ops
 	touch $@
 
 demo: install
 	$(BIN)/dcm-flows demo
 
 lint: install
-	$(BIN)/ruff check flows blocks tests examples docs bench
+	$(BIN)/ruff check flows blocks ops tests examples docs bench
 
 test: lint
 	$(BIN)/pytest -q -ra --durations=25
@@ -46,4 +46,4 @@ stack-stop: install
 	$(BIN)/dcm-flows stack stop
 
 clean: stack-stop
-	rm -rf $(VENV) .dcm-flows
+	rm -rf $(VENV)

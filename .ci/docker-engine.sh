@@ -9,6 +9,14 @@ export DEBIAN_FRONTEND=noninteractive
 
 engine_answers() { docker info >/dev/null 2>&1; }
 
+# The Debian mirror this machine's apt uses (deb822 `URIs:` or a one-line `deb` entry), so debootstrap
+# fetches from the same configured source as apt-get does.
+apt_mirror() {
+  { grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}'
+    grep -hsE '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list | awk '{print $2}'
+  } | grep -v -- '-security' | grep -m1 '/debian/\?$'
+}
+
 if ! engine_answers; then
   if ! command -v dockerd >/dev/null 2>&1; then
     apt-get update -qq
@@ -28,7 +36,7 @@ if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
   rm -rf "$ROOTFS"
   # libmagic1: python-magic (used by dcm_processor_db_provider) loads it at import time.
   debootstrap --variant=minbase --include=python3,python3-venv,libmagic1 bookworm "$ROOTFS" \
-    http://deb.debian.org/debian >/var/log/dcm-flows-debootstrap.log 2>&1
+    "$(apt_mirror)" >/var/log/dcm-flows-debootstrap.log 2>&1
   rm -f "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/cache/apt/*.bin
   find "$ROOTFS"/var/lib/apt/lists -maxdepth 1 -type f ! -name lock -delete
   tar -C "$ROOTFS" -c . | docker import \

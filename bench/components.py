@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from blocks.database import DcmDatabase
-from flows.demo import schedule_stable_patient, upload_example_patient
 from flows.runtime.components import MANIFEST, Component
-from flows.runtime.records import PlatformRecords
+from flows.runtime.platform_records import PlatformRecords
+from ops.demo import schedule_stable_patient, upload_example_patient
 
 ACCEPT_EVERYTHING = "def accept(**kwargs):\n    return True, {}\n"
 

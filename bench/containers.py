@@ -20,9 +20,9 @@ from pathlib import Path
 
 from bench.components import lone_job, service_component
 from blocks.database import DcmDatabase
-from flows.runtime.records import PlatformRecords
-from flows.runtime.workers.docker import RUNTIME_VENV, build_context, runtime_dockerfile
-from flows.stack import DATABASE_BLOCK
+from flows.runtime.environments.docker import RUNTIME_VENV, DockerEnvironment, build_context, runtime_dockerfile
+from flows.runtime.names import DEFAULT_BLOCK
+from flows.runtime.platform_records import PlatformRecords
 from flows.submit import submit_install, submit_job, submit_removal, wait_for_run
 
 COMPONENT = "bench-container"
@@ -47,7 +47,7 @@ class ContainerBench:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.block = f"bench-docker-{uuid.uuid4().hex[:8]}"
-        self.database = DcmDatabase.load(DATABASE_BLOCK).with_database_name(self.block)
+        self.database = DcmDatabase.load(DEFAULT_BLOCK).with_database_name(self.block)
         self.database.save(self.block, overwrite=True)
         self.records = PlatformRecords(self.database.open())
         self.patients = 0
@@ -61,7 +61,7 @@ class ContainerBench:
         assert run.state is not None and run.state.is_completed(), run.state
         worker = self.records.find_worker(COMPONENT)
         assert worker is not None
-        return str(worker.setting("runtime_image", str))
+        return str(DockerEnvironment(worker).settings.runtime_image)
 
     def remove(self) -> None:
         wait_for_run(submit_removal(COMPONENT, database_block=self.block), 300)

@@ -24,13 +24,15 @@ from pathlib import Path
 
 from bench.components import service_component
 from blocks.database import DcmDatabase
-from flows.demo import schedule_stable_patient, upload_example_patient
+from blocks.host import home_folder
 from flows.runtime.components import Component, register_service
-from flows.runtime.records import PlatformRecords
-from flows.stack import DATABASE_BLOCK, DEFAULT_HOME, PROJECT_DIR, LocalStack
+from flows.runtime.names import DEFAULT_BLOCK
+from flows.runtime.platform_records import PlatformRecords
 from flows.submit import submit_session, wait_for_run
+from ops.demo import schedule_stable_patient, upload_example_patient
+from ops.stack import LocalStack
 
-BENCHMARKS = PROJECT_DIR / "docs" / "benchmarks.md"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 SAMPLE_SECONDS = 0.5
 
 TRIVIAL_SERVICE = '''
@@ -198,11 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     arguments.add_argument("--sessions", type=int, default=5)
     arguments.add_argument("--series", type=int, default=50)
     options = arguments.parse_args(argv)
-    stack = LocalStack(DEFAULT_HOME)
+    stack = LocalStack(home_folder())
     state = stack.start()
     with stack.connected(state), tempfile.TemporaryDirectory() as folder:
         name = f"load-{uuid.uuid4().hex[:8]}"  # a database of its own: the scheduler sees only the load's service
-        database = DcmDatabase.load(DATABASE_BLOCK).with_database_name(name)
+        database = DcmDatabase.load(DEFAULT_BLOCK).with_database_name(name)
         database.save(name, overwrite=True)
         try:
             report = run_load(database, name, state.processes, options.sessions, options.series,

@@ -50,21 +50,16 @@ from bench.components import lone_job, service_component
 from bench.containers import ContainerBench, runtime_layer_build
 from bench.load import MemorySampler, write_benchmarks
 from blocks.database import DcmDatabase
-from flows.demo import schedule_stable_patient, upload_example_patient
+from blocks.host import home_folder
 from flows.runtime.components import Component, register_service
-from flows.runtime.records import JobRecord, PlatformRecords
+from flows.runtime.names import DEFAULT_BLOCK, PROCESS_POOL, SESSION_FLOW, deployment
+from flows.runtime.platform_records import PlatformRecords
+from flows.runtime.records import JobRecord
 from flows.runtime.wheelhouse import build_wheelhouse
 from flows.session import DEFAULT_MAX_PARALLEL_JOBS
-from flows.stack import (
-    DATABASE_BLOCK,
-    DEFAULT_HOME,
-    PROCESS_POOL,
-    PROJECT_DIR,
-    LocalStack,
-    StackState,
-    docker_engine_answers,
-)
-from flows.submit import SESSION_DEPLOYMENT, submit_job, wait_for_run
+from flows.submit import submit_job, wait_for_run
+from ops.demo import schedule_stable_patient, upload_example_patient
+from ops.stack import LocalStack, StackState, docker_engine_answers
 
 STOCK_DEPLOYMENT = "bench-one-task/stock"
 
@@ -197,7 +192,7 @@ class Bench:
         session_id = self.session(series)
         jobs = {job.id: job for job in self.records.session_jobs(session_id)}
         triggered = time.time()
-        run = run_deployment(SESSION_DEPLOYMENT, timeout=0, parameters={
+        run = run_deployment(deployment(SESSION_FLOW), timeout=0, parameters={
             "session_id": session_id, "database_block": self.block, "jobs_in_session": jobs_in_session,
             "max_parallel_jobs": max_parallel_jobs,
         })
@@ -262,7 +257,8 @@ def repeat(name: str, times: int, measure: Callable[[], float]) -> Figure:
 
 def deploy_stock_flow() -> None:
     """Deploy the stock one-task flow onto the process pool, as a user of plain Prefect would."""
-    one_task_flow.from_source(source=str(PROJECT_DIR), entrypoint="bench/overhead.py:one_task_flow").deploy(
+    repository = str(Path(__file__).resolve().parents[1])
+    one_task_flow.from_source(source=repository, entrypoint="bench/overhead.py:one_task_flow").deploy(
         name="stock", work_pool_name=PROCESS_POOL, print_next_steps=False,
     )
 
@@ -399,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = {}
     with tempfile.TemporaryDirectory() as folder:
         if "install" in options.parts:
-            wheelhouse = build_wheelhouse(DEFAULT_HOME / "wheelhouse")
+            wheelhouse = build_wheelhouse(home_folder() / "wheelhouse")
             sections["install"] = measure_installs(wheelhouse, Path(folder), options.repeats)
         if "jobs" in options.parts:
             sections["overhead"] = measure_jobs(options, Path(folder))
@@ -433,7 +429,7 @@ def measure_jobs(options: argparse.Namespace, folder: Path) -> str:
     with fresh_stack(folder / "jobs-stack") as (stack, state):
         deploy_stock_flow()
         name = f"bench-{uuid.uuid4().hex[:8]}"
-        database = DcmDatabase.load(DATABASE_BLOCK).with_database_name(name)
+        database = DcmDatabase.load(DEFAULT_BLOCK).with_database_name(name)
         database.save(name, overwrite=True)
         try:
             bench = Bench(database, name, folder, stack, state)
@@ -445,7 +441,7 @@ def measure_jobs(options: argparse.Namespace, folder: Path) -> str:
 def measure_docker_jobs(repeats: int, folder: Path) -> str:
     """A docker job through `submit_job` against a raw `docker run` of its image, on the embedded stack;
     the runtime layer's build with pip and with uv."""
-    wheelhouse = build_wheelhouse(DEFAULT_HOME / "wheelhouse")
+    wheelhouse = build_wheelhouse(home_folder() / "wheelhouse")
     layers = [repeat(f"runtime layer on the base image, {installer}, no build cache", repeats,
                      functools.partial(runtime_layer_build, wheelhouse, installer)) for installer in ("pip", "uv")]
     with fresh_stack(folder / "docker-stack"):

@@ -9,7 +9,13 @@ from typing import Literal
 from prefect.blocks.core import Block
 from pydantic import Field
 
-DEFAULT_ENVIRONMENTS = Path(os.environ.get("DCM_FLOWS_HOME", Path.home() / ".dcm-flows")) / "workers"
+HOME_VARIABLE = "DCM_FLOWS_HOME"
+
+
+def home_folder() -> Path:
+    """This host's folder of dcm-processor-flows (the local stack, worker environments): `DCM_FLOWS_HOME`,
+    else `~/.dcm-flows`. The one default, wherever the package is installed."""
+    return Path(os.environ.get(HOME_VARIABLE) or Path.home() / ".dcm-flows")
 
 
 class WorkerHost(Block):
@@ -21,8 +27,8 @@ class WorkerHost(Block):
     _description = "Where worker environments are built on a host, and where their packages come from."
 
     environments_folder: str = Field(
-        default=str(DEFAULT_ENVIRONMENTS),
-        description="Folder that holds one sub-folder per venv worker.",
+        default_factory=lambda: str(home_folder() / "workers"),
+        description="Folder that holds one sub-folder per venv worker (default: `workers` in the home folder).",
     )
     wheelhouse: str | None = Field(
         default=None,

@@ -30,10 +30,11 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.sorting import FlowRunSort
 
-from flows.demo import run_demo
-from flows.stack import DEFAULT_HOME, PROJECT_DIR, LocalStack
+from blocks.host import home_folder
+from ops.demo import run_demo
+from ops.stack import LocalStack
 
-IMAGES = PROJECT_DIR / "docs" / "images"
+IMAGES = Path(__file__).resolve().parent / "images"
 WIDTH = 1500
 RENDER_MILLISECONDS = 20000
 CHROMIUM_FLAGS = [
@@ -96,7 +97,7 @@ def main() -> int:
     if chromium is None:
         print("chromium is not installed: `apt-get install -y chromium` (make screenshots does it as root)")
         return 1
-    stack = LocalStack(DEFAULT_HOME)
+    stack = LocalStack(home_folder())
     state = stack.start()
     with stack.connected(state), get_client(sync_client=True) as client:
         try:

@@ -14,8 +14,9 @@ from collections.abc import Callable
 from prefect import flow, get_run_logger
 
 from blocks.database import DcmDatabase
-from flows.runtime.records import PlatformRecords
-from flows.submit import DEFAULT_DATABASE_BLOCK, submit_session
+from flows.runtime.names import BRIDGE_FLOW, DEFAULT_BLOCK
+from flows.runtime.platform_records import PlatformRecords
+from flows.submit import submit_session
 
 CONSUMER = "dcm-processor-flows"
 POLL_SECONDS = 2.0
@@ -28,7 +29,7 @@ def session_idempotency_key(session_id: str) -> str:
 class SessionBridge:
     """One pass (`poll_once`) or a loop (`run`) of watching for new sessions."""
 
-    def __init__(self, records: PlatformRecords, database_block: str = DEFAULT_DATABASE_BLOCK,
+    def __init__(self, records: PlatformRecords, database_block: str = DEFAULT_BLOCK,
                  say: Callable[[str], None] = print) -> None:
         self.records = records
         self.database_block = database_block
@@ -53,9 +54,9 @@ class SessionBridge:
             time.sleep(poll_seconds)
 
 
-@flow(name="dcm-bridge", persist_result=False, log_prints=False)
+@flow(name=BRIDGE_FLOW, persist_result=False, log_prints=False)
 def bridge_flow(
-    database_block: str = DEFAULT_DATABASE_BLOCK,
+    database_block: str = DEFAULT_BLOCK,
     poll_seconds: float = POLL_SECONDS,
     run_for_seconds: float | None = None,
 ) -> None:

@@ -7,7 +7,6 @@ Build output streams into the run's logs and a progress artifact moves through t
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,11 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from blocks.database import DcmDatabase
 from blocks.host import WorkerHost
-from flows.runtime.installer import ComponentInstaller, HostSettings
-from flows.runtime.records import PlatformRecords
+from flows.run_logs import line_logger
+from flows.runtime.environments import HostSettings
+from flows.runtime.installer import ComponentInstaller
+from flows.runtime.names import DEFAULT_BLOCK, INSTALL_FLOW, REMOVE_FLOW
+from flows.runtime.platform_records import PlatformRecords
 
 
 def host_settings(host: WorkerHost) -> HostSettings:
@@ -38,16 +40,13 @@ def _installer(database_block: str, host_block: str, progress_key: str | None) -
         logger.info("step: %s (%d%%)", step, percent)
         update_progress_artifact(artifact_id, percent, description=f"step: {step}")
 
-    def log_line(stream: str, line: str) -> None:
-        logger.log(logging.WARNING if stream == "stderr" else logging.INFO, line)
-
     records = PlatformRecords(DcmDatabase.resolve(database_block).open())
-    return ComponentInstaller(records, host_settings(WorkerHost.resolve(host_block)), log_line, progress)
+    return ComponentInstaller(records, host_settings(WorkerHost.resolve(host_block)), line_logger(logger), progress)
 
 
-@flow(name="dcm-install-component", persist_result=False, log_prints=False)
+@flow(name=INSTALL_FLOW, persist_result=False, log_prints=False)
 def install_component_flow(
-    source: str, force: bool = False, database_block: str = "default", host_block: str = "default"
+    source: str, force: bool = False, database_block: str = DEFAULT_BLOCK, host_block: str = DEFAULT_BLOCK
 ) -> dict[str, Any]:
     """Install a component: build its worker's environment, upload its files, register its service.
 
@@ -63,8 +62,8 @@ def install_component_flow(
     return asdict(report)
 
 
-@flow(name="dcm-remove-component", persist_result=False, log_prints=False)
-def remove_component_flow(name: str, database_block: str = "default", host_block: str = "default") -> list[str]:
+@flow(name=REMOVE_FLOW, persist_result=False, log_prints=False)
+def remove_component_flow(name: str, database_block: str = DEFAULT_BLOCK, host_block: str = DEFAULT_BLOCK) -> list[str]:
     """Remove the service and the worker called `name`: records, files, environment and images."""
     removed = _installer(database_block, host_block, "dcm-remove").remove(name)
     get_run_logger().info("removed: %s", ", ".join(removed) or "nothing (no such component)")

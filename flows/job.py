@@ -7,7 +7,6 @@ and never become a parameter, a task input Prefect stores, a log line or an arti
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from prefect import flow, get_run_logger, runtime, task
@@ -18,9 +17,12 @@ from prefect.context import TagsContext
 from prefect.states import Cancelled, Crashed, Failed
 
 from blocks.database import DcmDatabase
+from flows.run_logs import line_logger
 from flows.runtime.errors import AlreadyClaimed, CallbackFailed, DatabaseUnavailable, RunCancelled
-from flows.runtime.job_run import JobRun, Outcome
-from flows.runtime.records import PlatformRecords
+from flows.runtime.job_run import JobRun, Outcome, PreparedJob
+from flows.runtime.names import DEFAULT_BLOCK, JOB_FLOW
+from flows.runtime.platform_records import PlatformRecords
+from flows.runtime.process import StopCheck
 
 INFRASTRUCTURE_RETRIES = 3
 INFRASTRUCTURE_RETRY_DELAYS = [2, 10, 30]
@@ -37,13 +39,6 @@ def _is_infrastructure_failure(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def _line_logger(logger: logging.LoggerAdapter[logging.Logger]) -> Any:
-    def log_line(stream: str, line: str) -> None:
-        logger.log(logging.WARNING if stream == "stderr" else logging.INFO, line)
-
-    return log_line
-
-
 _task_options: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
 _infrastructure_retries: dict[str, Any] = {
     "retries": INFRASTRUCTURE_RETRIES,
@@ -53,14 +48,15 @@ _infrastructure_retries: dict[str, Any] = {
 
 
 @task(name="pre-service", **_task_options, **_infrastructure_retries)
-def pre_service(run: JobRun) -> None:
+def pre_service(run: JobRun) -> PreparedJob:
     """Load and check the job, service and worker records, claim the job, extract the service module."""
-    run.on_line = _line_logger(get_run_logger())
-    run.prepare()
-    get_run_logger().info("%s prepared in %s", run.label, run.worker_type.describe() if run.worker_type else "-")
+    logger = get_run_logger()
+    prepared = run.prepare(line_logger(logger))
+    logger.info("%s prepared in %s", run.label, prepared.environment.describe())
+    return prepared
 
 
-def _cancellation_check(client: SyncPrefectClient, flow_run_id: str) -> Any:
+def _cancellation_check(client: SyncPrefectClient, flow_run_id: str) -> StopCheck:
     """True once the flow run is Cancelling. Prefect's runner normally delivers a cancellation as
     SIGTERM first; this check also honours it when the runner's event stream is unavailable."""
 
@@ -72,22 +68,17 @@ def _cancellation_check(client: SyncPrefectClient, flow_run_id: str) -> Any:
 
 
 @task(name="execute", **_task_options)
-def execute(run: JobRun) -> Any:
-    """Run the job's callback in a child process of its worker environment, streaming its output."""
-    run.on_line = _line_logger(get_run_logger())
+def execute(run: JobRun, prepared: PreparedJob) -> Any:
+    """Run the job's callback in a child process of its environment, streaming its output."""
     with get_client(sync_client=True) as client:
-        run.should_stop = _cancellation_check(client, run.flow_run_id)
-        try:
-            return run.execute()
-        finally:
-            run.should_stop = None
+        return run.execute(prepared, line_logger(get_run_logger()), _cancellation_check(client, run.flow_run_id))
 
 
 @task(name="post-service", **_task_options, **_infrastructure_retries)
-def post_service(run: JobRun, result: Any = None, error: BaseException | None = None) -> Outcome:
+def post_service(run: JobRun, prepared: PreparedJob | None, failed_attempts: int, result: Any = None,
+                 error: BaseException | None = None) -> Outcome:
     """Run post-scripts, write the outcome to the job record, publish the outcome artifact, clean up."""
-    run.on_line = _line_logger(get_run_logger())
-    outcome = run.finish(result=result, error=error)
+    outcome = run.finish(prepared, line_logger(get_run_logger()), failed_attempts, result=result, error=error)
     _publish(run, outcome)
     return outcome
 
@@ -108,24 +99,17 @@ def _publish(run: JobRun, outcome: Outcome) -> None:
     )
 
 
-def _run_callback(run: JobRun) -> Any:
-    """Execute, repeating a failed callback only as often as the job's `max_attempts` allows."""
-    attempt = 1
-    execute_with_limits = execute.with_options(tags=run.worker_type.concurrency_tags() if run.worker_type else [])
-    while True:
-        try:
-            return execute_with_limits(run)
-        except CallbackFailed as failure:
-            if attempt >= run.allowed_attempts:
-                raise
-            get_run_logger().warning(
-                "attempt %d of %d failed (%s); retrying", attempt, run.allowed_attempts, failure
-            )
-            attempt += 1
+def _final_state(run: JobRun, outcome: Outcome, result: Any) -> Any:
+    """The run's final state from its outcome: the callback's value, Cancelled or Failed."""
+    if outcome.succeeded:
+        return result
+    if outcome.cancelled:
+        return Cancelled(message=f"{run.label}: {outcome.message}")
+    return Failed(message=f"{run.label}: {outcome.message}")
 
 
-@flow(name="dcm-job", persist_result=False, log_prints=False)
-def job_flow(job_id: str, database_block: str = "default") -> Any:
+@flow(name=JOB_FLOW, persist_result=False, log_prints=False)
+def job_flow(job_id: str, database_block: str = DEFAULT_BLOCK) -> Any:
     """Run one dcm-processor job: pre-service, execute, post-service.
 
     Args:
@@ -134,8 +118,7 @@ def job_flow(job_id: str, database_block: str = "default") -> Any:
             DCM_DB_PROVIDER, DCM_DB_URL and DCM_DB_NAME are used.
     """
     database = DcmDatabase.resolve(database_block)
-    logger = get_run_logger()
-    run = JobRun(PlatformRecords(database.open()), job_id, str(runtime.flow_run.id), _line_logger(logger))
+    run = JobRun(PlatformRecords(database.open()), job_id, str(runtime.flow_run.id))
     try:
         # The run's tags (service, session) describe the run, not its tasks: Prefect turns every tag
         # of a task into a concurrency-limit request, a round trip per task that makes concurrent
@@ -144,33 +127,44 @@ def job_flow(job_id: str, database_block: str = "default") -> Any:
             return _run_job(run)
     except DatabaseUnavailable as outage:
         run.remove_workspace()
-        logger.error("%s: %s; its outcome is recorded once the database answers again", run.label, outage)
+        get_run_logger().error("%s: %s; its outcome is recorded once the database answers again", run.label, outage)
         return Crashed(message=f"{run.label}: the outcome could not be recorded: {outage}")
 
 
 def _run_job(run: JobRun) -> Any:
     """The three steps, and the state each way out of them ends in. A database outage that outlasts
-    the tasks' retries is left to the caller: the run then ends Crashed, which dcm-record-crash records."""
+    the tasks' retries is left to the caller: the run then ends Crashed, which dcm-record-crash records.
+
+    A failed callback is repeated only as often as the job's `max_attempts` allows; the failed attempts
+    are counted here, where they are made, and each one is written to the record's `attempts`.
+    """
+    prepared: PreparedJob | None = None
+    failed_attempts = 0
     try:
-        pre_service(run)
-        result = _run_callback(run)
+        prepared = pre_service(run)
+        execute_with_limits = execute.with_options(tags=prepared.environment.concurrency_tags())
+        while True:
+            try:
+                result = execute_with_limits(run, prepared)
+                break
+            except CallbackFailed as failure:
+                failed_attempts += 1
+                if failed_attempts >= prepared.allowed_attempts:
+                    raise
+                get_run_logger().warning("attempt %d of %d failed (%s); retrying",
+                                         failed_attempts, prepared.allowed_attempts, failure)
     except AlreadyClaimed as duplicate:
         run.remove_workspace()
         get_run_logger().warning("%s: %s", run.label, duplicate)
         return Cancelled(name=AlreadyClaimed.state_name, message=f"{run.label}: {duplicate}")
-    except RunCancelled as cancellation:
-        post_service(run, error=cancellation)
-        return Cancelled(message=f"{run.label}: {cancellation}")
     except DatabaseUnavailable:
         raise
     except Exception as error:
-        outcome = post_service(run, error=error)
-        return Failed(message=f"{run.label}: {outcome.message}")
+        return _final_state(run, post_service(run, prepared, failed_attempts, error=error), None)
     except BaseException as interruption:
-        run.finish(error=RunCancelled(
+        run.finish(prepared, line_logger(get_run_logger()), failed_attempts, error=RunCancelled(
             f"the flow run was cancelled or terminated ({type(interruption).__name__}); "
             "the callback's process tree was killed"
         ))
         raise
-    post_service(run, result=result)
-    return result
+    return _final_state(run, post_service(run, prepared, failed_attempts, result=result), result)

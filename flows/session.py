@@ -7,9 +7,9 @@ run starts from the records: jobs that are done are not run again.
 
 Where a job runs: a job whose `channel` names a work queue of its pool goes to that queue (the
 host that holds its environment), and so does every docker job (its flow runs in a container);
-both become deployment runs that a worker picks up. Every other job runs as a child flow run in
-a thread of the session's own process, which saves the worker hand-off and a Python process per
-job; its callback still runs in a child process of its environment, as on a worker.
+both become deployment runs that a pool worker picks up. Every other job runs as a child flow run in
+a thread of the session's own process, which saves the pool worker's hand-off and a Python process per
+job; its callback still runs in a child process of its environment, as on a pool worker.
 """
 
 from __future__ import annotations
@@ -42,44 +42,30 @@ from prefect.states import Cancelled, Cancelling, Failed, State
 
 from blocks.database import DcmDatabase, resolved_once
 from flows.job import job_flow
+from flows.runtime.environments import Environment, environment_of_job
 from flows.runtime.errors import AlreadyClaimed, JobError
-from flows.runtime.records import JobRecord, PlatformRecords
+from flows.runtime.names import DEFAULT_BLOCK, SESSION_FLOW, JobParameters
+from flows.runtime.platform_records import PlatformRecords
+from flows.runtime.records import JobRecord
 from flows.runtime.session_plan import SessionPlan
-from flows.runtime.workers import WorkerType
-from flows.submit import DEFAULT_DATABASE_BLOCK, job_run_name, job_tags, job_worker_type, submit_job
+from flows.submit import job_run_name, job_tags, submit_job
 
 POLL_SECONDS = 1.0
 DEFAULT_MAX_PARALLEL_JOBS = 4
 CANCEL_GRACE_SECONDS = 20
 PROGRESS_SECONDS = 2.0
-SESSION_QUEUE = "sessions"
-DEFAULT_SESSIONS_AT_ONCE = 3
-
-
-def limit_sessions_at_once(pool: str, limit: int = DEFAULT_SESSIONS_AT_ONCE) -> None:
-    """Cap how many session runs the pool runs at once (the concurrency limit of their work queue).
-
-    Each session runs up to `max_parallel_jobs` jobs; more sessions at once than the hosts and the
-    Prefect server's database can serve only slows every one of them, so the rest wait, Scheduled.
-    """
-    with get_client(sync_client=True) as client:
-        try:
-            queue_id = client.read_work_queue_by_name(SESSION_QUEUE, work_pool_name=pool).id
-        except ObjectNotFound:
-            queue_id = client.create_work_queue(name=SESSION_QUEUE, work_pool_name=pool).id
-        client.update_work_queue(queue_id, concurrency_limit=limit)
 
 
 @dataclass(frozen=True)
 class JobRoute:
-    """Where one job runs: its worker type, and the work queue of its host when it has one."""
+    """Where one job runs: its environment, and the work queue of its host when it has one."""
 
-    worker_type: WorkerType
+    environment: Environment
     queue: str | None
 
     def in_session(self, allowed: bool) -> bool:
-        """Whether the session runs the job's flow in its own process rather than on a worker."""
-        return allowed and self.queue is None and self.worker_type.runs_in_session
+        """Whether the session runs the job's flow in its own process rather than on a pool worker."""
+        return allowed and self.queue is None and self.environment.runs_in_session
 
 
 class QueueRouter:
@@ -91,21 +77,21 @@ class QueueRouter:
         self._known: dict[tuple[str, str], bool] = {}
 
     def route(self, job: JobRecord) -> JobRoute:
-        worker_type = job_worker_type(job, self.records)
+        environment = environment_of_job(job, self.records)
         if not job.channel:
-            return JobRoute(worker_type, None)
-        key = (worker_type.work_pool, job.channel)
+            return JobRoute(environment, None)
+        key = (environment.work_pool, job.channel)
         if key not in self._known:
             try:
-                self.client.read_work_queue_by_name(job.channel, work_pool_name=worker_type.work_pool)
+                self.client.read_work_queue_by_name(job.channel, work_pool_name=environment.work_pool)
                 self._known[key] = True
             except ObjectNotFound:
                 self._known[key] = False
-        return JobRoute(worker_type, job.channel if self._known[key] else None)
+        return JobRoute(environment, job.channel if self._known[key] else None)
 
 
 class SessionJobs:
-    """The session's jobs in flight: child flow runs in this process, and deployment runs on workers.
+    """The session's jobs in flight: child flow runs in this process, and deployment runs on pool workers.
 
     A child run reports its final state from a state hook, the moment the state is set, before Prefect's
     engine has wound the run down.
@@ -118,7 +104,7 @@ class SessionJobs:
         self.threads = ThreadPoolExecutor(max_workers=2 * max_parallel_jobs, thread_name_prefix="dcm-job")
         self.here: set[str] = set()
         self.threads_running: set[Future[State]] = set()
-        self.on_workers: dict[UUID, str] = {}
+        self.on_pool_workers: dict[UUID, str] = {}
         self._ended: queue.SimpleQueue[tuple[str, State | str]] = queue.SimpleQueue()
         self._reported: set[str] = set()
         self._lock = threading.Lock()
@@ -131,7 +117,7 @@ class SessionJobs:
         )
 
     def __len__(self) -> int:
-        return len(self.here) + len(self.on_workers)
+        return len(self.here) + len(self.on_pool_workers)
 
     def _report(self, job_id: str, ending: State | str) -> None:
         with self._lock:
@@ -151,7 +137,7 @@ class SessionJobs:
         )
         settings = SettingsContext(profile=get_settings_context().profile, settings=self._job_settings)
         with tags(*job_tags(job)), settings:
-            return job_run(job.id, self.database_block, return_state=True)
+            return job_run(**JobParameters(job.id, self.database_block).as_parameters(), return_state=True)
 
     def _thread_ended(self, job_id: str, future: Future[State]) -> None:
         with self._lock:
@@ -168,8 +154,8 @@ class SessionJobs:
             self.threads_running.add(future)
         future.add_done_callback(lambda done: self._thread_ended(job.id, done))
 
-    def start_on_worker(self, job: JobRecord, work_queue: str | None, records: PlatformRecords) -> None:
-        self.on_workers[submit_job(job.id, self.database_block, work_queue, records)] = job.id
+    def start_on_pool_worker(self, job: JobRecord, work_queue: str | None, records: PlatformRecords) -> None:
+        self.on_pool_workers[submit_job(job.id, self.database_block, work_queue, records)] = job.id
 
     def wait_for_ended(self) -> list[tuple[str, State | str]]:
         """Wait up to a poll interval; return the jobs that ended, each with its final state or why it
@@ -183,10 +169,10 @@ class SessionJobs:
             self.here.difference_update(job_id for job_id, _ in ended)
         else:
             time.sleep(POLL_SECONDS)
-        if self.on_workers and time.monotonic() - self._polled >= POLL_SECONDS:
+        if self.on_pool_workers and time.monotonic() - self._polled >= POLL_SECONDS:
             self._polled = time.monotonic()
-            for flow_run in _final_runs(self.client, list(self.on_workers)):
-                ended.append((self.on_workers.pop(flow_run.id), flow_run.state))
+            for flow_run in _final_runs(self.client, list(self.on_pool_workers)):
+                ended.append((self.on_pool_workers.pop(flow_run.id), flow_run.state))
         return ended
 
     def cancel(self, session_run_id: UUID) -> None:
@@ -265,10 +251,10 @@ class SessionProgress:
         self.updated = time.monotonic()
 
 
-@flow(name="dcm-session", persist_result=False, log_prints=False)
+@flow(name=SESSION_FLOW, persist_result=False, log_prints=False)
 def session_flow(
     session_id: str,
-    database_block: str = DEFAULT_DATABASE_BLOCK,
+    database_block: str = DEFAULT_BLOCK,
     max_parallel_jobs: int = DEFAULT_MAX_PARALLEL_JOBS,
     keep_failed_session_data: bool = False,
     jobs_in_session: bool = True,
@@ -282,7 +268,7 @@ def session_flow(
         keep_failed_session_data: when a job failed, do not run the post-services clean-up, so the
             session's data and DICOM files stay for debugging.
         jobs_in_session: run jobs that no work queue claims as child flow runs in this session's
-            process; False hands every job to a worker as a deployment run.
+            process; False hands every job to a pool worker as a deployment run.
     """
     with resolved_once():
         return _run_session(session_id, database_block, max_parallel_jobs, keep_failed_session_data, jobs_in_session)
@@ -316,7 +302,7 @@ def _run_session(
                         if route.in_session(jobs_in_session):
                             in_flight.start_here(job)
                         else:
-                            in_flight.start_on_worker(job, route.queue, records)
+                            in_flight.start_on_pool_worker(job, route.queue, records)
                     except JobError as error:
                         _record_failure(plan, records, job_id, str(error))
                         continue

@@ -1,12 +1,14 @@
-"""What the scheduler (and the CLI) call to run platform jobs through the Prefect API.
+"""What the scheduler (and the CLI) call to run platform work through the Prefect API.
 
-`submit_job(job_id)` creates a flow run of the `dcm-job` deployment that fits the job's worker type
-and returns its id at once; the job's own data stays in the platform database.
+`submit_job(job_id)` creates a flow run of the `dcm-job` deployment that fits the job's environment
+and returns its id at once; the job's own data stays in the platform database. The other calls start
+a session, an install or a removal the same way.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
@@ -14,21 +16,19 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 
 from blocks.database import DcmDatabase
+from flows.runtime.environments import environment_for, environment_of_job
 from flows.runtime.errors import InvalidRecord, JobNotFound
-from flows.runtime.records import JobRecord, PlatformRecords
-from flows.runtime.workers import WorkerType, worker_type_for
-
-JOB_FLOW_NAME = "dcm-job"
-SESSION_DEPLOYMENT = "dcm-session/process"
-INSTALL_DEPLOYMENT = "dcm-install-component/process"
-REMOVE_DEPLOYMENT = "dcm-remove-component/process"
-DEFAULT_DATABASE_BLOCK = "default"
-
-
-def job_worker_type(job: JobRecord, records: PlatformRecords) -> WorkerType:
-    """The worker type that runs the job: it names the deployment, the work pool and the job variables."""
-    worker = records.worker(job.worker_id) if job.is_service_job and job.worker_id else None
-    return worker_type_for(worker)
+from flows.runtime.names import (
+    DEFAULT_BLOCK,
+    INSTALL_FLOW,
+    JOB_FLOW,
+    REMOVE_FLOW,
+    SESSION_FLOW,
+    JobParameters,
+    deployment,
+)
+from flows.runtime.platform_records import PlatformRecords
+from flows.runtime.records import JobRecord
 
 
 def job_run_name(job_id: str, job: JobRecord | None) -> str:
@@ -38,7 +38,7 @@ def job_run_name(job_id: str, job: JobRecord | None) -> str:
 
 def job_tags(job: JobRecord | None) -> list[str]:
     """The tags of a job's flow run: its service and session, to filter runs by in the UI."""
-    tags = ["dcm-job"]
+    tags = [JOB_FLOW]
     if job is not None and job.service_name:
         tags.append(f"service:{job.service_name}")
     if job is not None and job.session_id:
@@ -46,9 +46,17 @@ def job_tags(job: JobRecord | None) -> list[str]:
     return tags
 
 
+def _start(deployment_name: str, parameters: dict[str, Any], name: str, **options: Any) -> UUID:
+    """Create a flow run of a deployment and return its id at once, without waiting for it. Outside a flow
+    it is a run of its own; `as_subflow` (a job of a session) makes it the calling flow run's child."""
+    options.setdefault("as_subflow", False)
+    flow_run = run_deployment(name=deployment_name, parameters=parameters, flow_run_name=name, timeout=0, **options)
+    return flow_run.id
+
+
 def submit_job(
     job_id: str,
-    database_block: str = DEFAULT_DATABASE_BLOCK,
+    database_block: str = DEFAULT_BLOCK,
     work_queue_name: str | None = None,
     records: PlatformRecords | None = None,
 ) -> UUID:
@@ -61,25 +69,24 @@ def submit_job(
     job: JobRecord | None
     try:
         job = records.job(job_id)
-        worker_type = job_worker_type(job, records)
+        environment = environment_of_job(job, records)
     except (InvalidRecord, JobNotFound):
         # Run it anyway, on the process pool: its pre-service fails and writes why into the record.
-        job, worker_type = None, worker_type_for(None)
-    flow_run = run_deployment(
-        name=f"{JOB_FLOW_NAME}/{worker_type.deployment}",
-        job_variables=worker_type.job_variables(),
-        parameters={"job_id": job_id, "database_block": database_block},
-        flow_run_name=job_run_name(job_id, job),
+        job, environment = None, environment_for(None)
+    return _start(
+        deployment(JOB_FLOW, environment.deployment),
+        JobParameters(job_id, database_block).as_parameters(),
+        job_run_name(job_id, job),
+        job_variables=environment.job_variables(),
         tags=job_tags(job),
         work_queue_name=work_queue_name,
-        timeout=0,
+        as_subflow=True,
     )
-    return flow_run.id
 
 
 def submit_session(
     session_id: str,
-    database_block: str = DEFAULT_DATABASE_BLOCK,
+    database_block: str = DEFAULT_BLOCK,
     idempotency_key: str | None = None,
     jobs_in_session: bool = True,
 ) -> UUID:
@@ -91,48 +98,32 @@ def submit_session(
     parameters: dict[str, object] = {"session_id": session_id, "database_block": database_block}
     if not jobs_in_session:
         parameters["jobs_in_session"] = False
-    flow_run = run_deployment(
-        name=SESSION_DEPLOYMENT,
-        parameters=parameters,
-        flow_run_name=f"session {session_id}",
-        tags=["dcm-session", f"session:{session_id}"],
-        idempotency_key=idempotency_key,
-        timeout=0,
-        as_subflow=False,
+    return _start(
+        deployment(SESSION_FLOW), parameters, f"session {session_id}",
+        tags=[SESSION_FLOW, f"session:{session_id}"], idempotency_key=idempotency_key,
     )
-    return flow_run.id
 
 
 def submit_install(
-    source: str, force: bool = False, database_block: str = DEFAULT_DATABASE_BLOCK, work_queue_name: str | None = None
+    source: str, force: bool = False, database_block: str = DEFAULT_BLOCK, work_queue_name: str | None = None
 ) -> UUID:
     """Start a `dcm-install-component` run for a component folder, archive or URL; return its id.
 
     A folder or archive path must be readable by the worker that picks the run up; `work_queue_name`
     sends the run to the queue of the host that is to hold the environment.
     """
-    flow_run = run_deployment(
-        name=INSTALL_DEPLOYMENT,
-        parameters={"source": source, "force": force, "database_block": database_block},
-        flow_run_name=f"install {source.rstrip('/').rsplit('/', 1)[-1]}",
-        work_queue_name=work_queue_name,
-        timeout=0,
-        as_subflow=False,
+    return _start(
+        deployment(INSTALL_FLOW), {"source": source, "force": force, "database_block": database_block},
+        f"install {source.rstrip('/').rsplit('/', 1)[-1]}", work_queue_name=work_queue_name,
     )
-    return flow_run.id
 
 
-def submit_removal(name: str, database_block: str = DEFAULT_DATABASE_BLOCK, work_queue_name: str | None = None) -> UUID:
+def submit_removal(name: str, database_block: str = DEFAULT_BLOCK, work_queue_name: str | None = None) -> UUID:
     """Start a `dcm-remove-component` run for the component `name`; return its id."""
-    flow_run = run_deployment(
-        name=REMOVE_DEPLOYMENT,
-        parameters={"name": name, "database_block": database_block},
-        flow_run_name=f"remove {name}",
+    return _start(
+        deployment(REMOVE_FLOW), {"name": name, "database_block": database_block}, f"remove {name}",
         work_queue_name=work_queue_name,
-        timeout=0,
-        as_subflow=False,
     )
-    return flow_run.id
 
 
 def wait_for_run(flow_run_id: UUID, timeout_seconds: float = 600, poll_seconds: float = 0.5) -> FlowRun:

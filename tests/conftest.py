@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -23,15 +24,28 @@ from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.objects import FlowRun, Log
 from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
+from prefect.server.api.server import SubprocessASGIServer
 
 from blocks.database import DcmDatabase
+from flows.runtime.environments.docker import build_context, build_runtime_image
+from flows.runtime.names import DEFAULT_BLOCK
 from flows.runtime.wheelhouse import build_wheelhouse
-from flows.runtime.workers.docker import build_context, build_runtime_image
-from flows.stack import DATABASE_BLOCK, LocalStack, StackState, docker_engine_answers
-from flows.submit import wait_for_run
+from flows.submit import submit_job, wait_for_run
+from ops.stack import LocalStack, StackState, docker_engine_answers
 from tests.platform import Platform
 
 SERVICE_PACKAGES = ["dcm-processor-service==0.0.1"]
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def _refuse_a_temporary_server(server: SubprocessASGIServer, *arguments: Any, **keywords: Any) -> None:
+    """A Prefect client that finds no API URL starts a temporary server of its own, which can outlive the
+    test run. Every test talks to the stack's server: such a call is a bug of the test, and fails here."""
+    raise RuntimeError("a Prefect client was used outside the stack's settings and would start a temporary "
+                       "API server; run it inside the `stack` fixture's context (or a copy of it)")
+
+
+SubprocessASGIServer.start = _refuse_a_temporary_server  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +70,7 @@ def stack(local_stack: LocalStack) -> Iterator[StackState]:
 
 @pytest.fixture(scope="session")
 def database(stack: StackState) -> DcmDatabase:
-    return DcmDatabase.load(DATABASE_BLOCK)
+    return DcmDatabase.load(DEFAULT_BLOCK)
 
 
 @pytest.fixture
@@ -112,6 +126,29 @@ def eventually(condition: Callable[[], Any], timeout: float = 60, interval: floa
 def running_callback(pid_file: Path) -> int:
     """The pid of a sleeper job's callback (tests/platform.py), once it has started."""
     return int(eventually(lambda: pid_file.exists() and pid_file.read_text(), timeout=120))
+
+
+@dataclass(frozen=True)
+class SleeperRun:
+    """A sleeper job (tests/platform.py) submitted on its own, with its callback running."""
+
+    job_id: str
+    flow_run_id: UUID
+    callback: int
+    """The pid of the running callback."""
+
+
+@pytest.fixture
+def start_sleeper(platform: Platform, tmp_path: Path) -> Callable[..., SleeperRun]:
+    """Submit a sleeper job through the process pool and wait until its callback runs; keywords go to
+    `Platform.sleeper_job` (sleep, timeout)."""
+
+    def start(**options: Any) -> SleeperRun:
+        job_id, pid_file = platform.sleeper_job(tmp_path, **options)
+        flow_run_id = submit_job(job_id)
+        return SleeperRun(job_id, flow_run_id, running_callback(pid_file))
+
+    return start
 
 
 def finished(flow_run_id: UUID, timeout: float = 180) -> FlowRun:

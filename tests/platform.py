@@ -15,7 +15,8 @@ from typing import Any
 
 from dcm_processor_db_provider import DBManager
 
-from flows.runtime.records import POST_SERVICES_JOB, PRE_SERVICES_JOB, SERVICE_JOB, PlatformRecords
+from flows.runtime.platform_records import PlatformRecords
+from flows.runtime.records import POST_SERVICES_JOB, PRE_SERVICES_JOB, SERVICE_JOB
 
 PATIENT_NAME = "Doe^Janet-Sensitive"
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from flows.runtime.callback import Callback
-from flows.runtime.environment import SERVICE_PREFIX, child_environment
+from flows.runtime.environments import environment_for
 from flows.runtime.errors import CallbackFailed, RunCancelled, UnknownWorkerType
 from flows.runtime.records import WorkerRecord
-from flows.runtime.workers import worker_type_for
+from flows.runtime.variables import SERVICE_PREFIX, callback_variables
 
 
 def run_module(tmp_path: Path, source: str, timeout: float | None = None, should_stop=None, **kwargs):
@@ -22,8 +22,8 @@ def run_module(tmp_path: Path, source: str, timeout: float | None = None, should
     (package / "callbacks.py").write_text(source)
     lines: list[tuple[str, str]] = []
     callback = Callback(module="callbacks", function="run", kwargs=kwargs, search_path=[str(package)])
-    value = worker_type_for(None).run(
-        callback, tmp_path / "call", child_environment({}), timeout,
+    value = environment_for(None).run(
+        callback, tmp_path / "call", callback_variables({}), timeout,
         lambda stream, line: lines.append((stream, line)), should_stop,
     )
     return value, lines
@@ -87,7 +87,7 @@ def test_a_stop_request_kills_the_callback_and_reports_a_cancellation(tmp_path: 
 
 
 def test_callbacks_get_the_service_variables_but_not_the_workers_prefect_settings() -> None:
-    environment = child_environment(
+    environment = callback_variables(
         {SERVICE_PREFIX + "JOB-ID": "42"},
         base={"PATH": "/bin", "PREFECT_API_KEY": "secret", "PREFECT_API_URL": "http://x", "DCM_DB_URL": "mongodb://u:p@h"},
     )
@@ -97,12 +97,12 @@ def test_callbacks_get_the_service_variables_but_not_the_workers_prefect_setting
 
 
 def test_the_runtime_interpreter_is_the_worker_of_jobs_without_one() -> None:
-    assert worker_type_for(None).interpreter() == Path(sys.executable)
+    assert environment_for(None).interpreter() == Path(sys.executable)
 
 
 def test_a_worker_of_an_unknown_type_is_refused_with_the_types_this_runtime_runs() -> None:
-    worker = WorkerRecord(id="w", name="gpu-box", type="kubernetes", pre_scripts=[], post_scripts=[],
+    worker = WorkerRecord(id="w", name="gpu-box", type="kubernetes",
                           worker_files={}, settings={})
 
     with pytest.raises(UnknownWorkerType, match="type 'kubernetes'; this runtime runs docker, venv, virtualenv"):
-        worker_type_for(worker)
+        environment_for(worker)

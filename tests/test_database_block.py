@@ -10,7 +10,7 @@ import pytest
 from pydantic import SecretStr
 
 from blocks.database import DatabaseNotConfigured, DcmDatabase, resolved_once, with_server_wait
-from flows.stack import StackState
+from ops.stack import StackState
 
 
 def test_the_saved_block_keeps_the_url_secret_and_opens_the_platform_database(

@@ -14,11 +14,11 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 from prefect.states import Cancelled, Cancelling, Running
 
-from flows.pool_workers import FLOW_RUN_LABEL
+from flows.runtime.environments.docker import DockerEnvironment
 from flows.runtime.records import WorkerRecord
-from flows.runtime.workers.docker import DockerWorker
-from flows.stack import LocalStack, StackState, process_alive
 from flows.submit import submit_job, submit_session
+from ops.pool_workers import FLOW_RUN_LABEL
+from ops.stack import LocalStack, StackState, process_alive
 from tests.conftest import BASE_IMAGE, containers_matching, eventually, finished, read_logs
 from tests.platform import Platform
 
@@ -199,9 +199,9 @@ def test_a_restarted_docker_worker_removes_the_stopped_containers_of_ended_runs_
 
 
 def test_gpu_and_resource_settings_become_the_containers_configuration(docker_client) -> None:
-    worker = WorkerRecord(id="w", name="gpu", type="docker", pre_scripts=[], post_scripts=[], worker_files={},
+    worker = WorkerRecord(id="w", name="gpu", type="docker", worker_files={},
                           settings={"image": "x", "gpus": [0, 1], "mem_limit": "2g", "cpus": 1.5})
-    variables = DockerWorker(worker).job_variables()
+    variables = DockerEnvironment(worker).job_variables()
     create = variables["container_create_kwargs"]
 
     container = docker_client.containers.create(
@@ -220,8 +220,8 @@ def test_gpu_and_resource_settings_become_the_containers_configuration(docker_cl
 
 
 def test_callbacks_of_gpu_workers_carry_the_gpu_concurrency_tag() -> None:
-    def worker(**settings) -> DockerWorker:
-        return DockerWorker(WorkerRecord(id="w", name="n", type="docker", pre_scripts=[], post_scripts=[],
+    def worker(**settings) -> DockerEnvironment:
+        return DockerEnvironment(WorkerRecord(id="w", name="n", type="docker",
                                          worker_files={}, settings={"image": "x", **settings}))
 
     assert worker(gpus="all").concurrency_tags() == ["gpu"]

@@ -16,11 +16,12 @@ from bson import ObjectId
 
 from blocks.database import DcmDatabase
 from blocks.host import WorkerHost
-from flows.demo import DOCKER_EXAMPLE_COMPONENT, EXAMPLE_COMPONENTS, EXAMPLES_FOLDER, schedule_stable_patient
-from flows.demo import upload_example_patient as store_mr_series
-from flows.runtime.records import PRE_SERVICES_JOB, JobRecord, PlatformRecords
-from flows.stack import docker_engine_answers
+from flows.runtime.platform_records import PlatformRecords
+from flows.runtime.records import PRE_SERVICES_JOB, JobRecord
 from flows.submit import submit_install, submit_job
+from ops.demo import DOCKER_EXAMPLE_COMPONENT, EXAMPLE_COMPONENTS, EXAMPLES_FOLDER, schedule_stable_patient
+from ops.demo import upload_example_patient as store_mr_series
+from ops.stack import docker_engine_answers
 from tests.conftest import finished, separate_database
 
 pytestmark = pytest.mark.integration

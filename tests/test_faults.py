@@ -14,7 +14,7 @@ import stat
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,10 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.states import Cancelling, Scheduled
 
 from bench.load import run_load
-from flows.crash import MISSED_HEARTBEATS_SECONDS
-from flows.stack import LocalStack, StackState, process_alive
 from flows.submit import submit_job, submit_session
-from tests.conftest import eventually, finished, read_flow_run, running_callback, separate_database
+from ops.prefect_setup import MISSED_HEARTBEATS_SECONDS
+from ops.stack import LocalStack, StackState, process_alive
+from tests.conftest import SleeperRun, eventually, finished, read_flow_run, running_callback, separate_database
 from tests.platform import Platform, job_folder_of, parent_of, zip_files
 
 pytestmark = pytest.mark.integration
@@ -244,11 +244,10 @@ WORKER_MEMORY_BOUND_MB = 400
 
 
 def test_a_killed_flow_run_process_is_crashed_by_its_worker_and_recorded_on_the_job(
-    platform: Platform, tmp_path: Path
+    platform: Platform, start_sleeper: Callable[..., SleeperRun]
 ) -> None:
-    job_id, pid_file = platform.sleeper_job(tmp_path)
-    flow_run_id = submit_job(job_id)
-    callback = running_callback(pid_file)
+    sleeper = start_sleeper()
+    job_id, flow_run_id, callback = sleeper.job_id, sleeper.flow_run_id, sleeper.callback
     job_folder = job_folder_of(callback)
 
     os.kill(parent_of(callback), signal.SIGKILL)
@@ -378,11 +377,10 @@ def test_a_database_outage_while_a_job_starts_and_while_it_finishes_is_ridden_ou
 
 
 def test_a_database_outage_that_outlasts_the_retries_crashes_the_run_and_the_record_is_fixed_when_it_returns(
-    platform: Platform, tmp_path: Path, stack: StackState, local_stack: LocalStack
+    platform: Platform, start_sleeper: Callable[..., SleeperRun], stack: StackState, local_stack: LocalStack
 ) -> None:
-    job_id, pid_file = platform.sleeper_job(tmp_path, sleep=3)
-    flow_run_id = submit_job(job_id)
-    running_callback(pid_file)
+    sleeper = start_sleeper(sleep=3)
+    job_id, flow_run_id = sleeper.job_id, sleeper.flow_run_id
     with database_away(local_stack, stack):
         run = finished(flow_run_id, timeout=240)
 

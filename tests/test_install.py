@@ -15,9 +15,9 @@ from prefect.deployments import run_deployment
 from blocks.database import DcmDatabase
 from blocks.host import WorkerHost
 from flows.install import install_component_flow, remove_component_flow
-from flows.runtime.workers.docker import WORKER_LABEL
-from flows.stack import docker_engine_answers
+from flows.runtime.environments.docker import WORKER_LABEL
 from flows.submit import submit_job
+from ops.stack import docker_engine_answers
 from tests.conftest import BASE_IMAGE, containers_matching, eventually, finished
 from tests.platform import Platform
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -21,10 +22,10 @@ from prefect.client.schemas.filters import (
 from prefect.states import Cancelling
 
 from blocks.database import DcmDatabase
-from flows.runtime.environment import SERVICE_PREFIX
-from flows.stack import StackState, process_alive
+from flows.runtime.variables import SERVICE_PREFIX
 from flows.submit import submit_job
-from tests.conftest import eventually, finished, read_flow_run, read_logs
+from ops.stack import StackState, process_alive
+from tests.conftest import SleeperRun, eventually, finished, read_flow_run, read_logs
 from tests.platform import PATIENT_NAME, Platform, zip_files
 
 pytestmark = pytest.mark.integration
@@ -208,12 +209,10 @@ def test_callback_running_past_its_timeout_is_killed_and_recorded(platform: Plat
 
 
 def test_cancelling_the_run_kills_the_callback_and_records_the_cancellation(
-    platform: Platform, tmp_path: Path
+    platform: Platform, start_sleeper: Callable[..., SleeperRun]
 ) -> None:
-    job_id, pid_file = platform.sleeper_job(tmp_path)
-    flow_run_id = submit_job(job_id)
-    eventually(pid_file.exists, timeout=120)
-    pid = int(pid_file.read_text())
+    sleeper = start_sleeper()
+    job_id, flow_run_id, pid = sleeper.job_id, sleeper.flow_run_id, sleeper.callback
 
     with get_client(sync_client=True) as client:
         client.set_flow_run_state(flow_run_id, Cancelling(), force=True)

@@ -1,4 +1,4 @@
-"""The pools' workers (flows/pool_workers.py) start a new run at once, not at their next poll."""
+"""The pools' workers (ops/pool_workers.py) start a new run at once, not at their next poll."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 
-from flows.pool_workers import PROCESS_WORKER_TYPE, PlatformProcessWorker
-from flows.stack import STOP_TIMEOUT_SECONDS, WORKER_STARTED, LocalStack, StackState
+from flows.runtime.names import PROCESS_POOL_WORKER_TYPE
+from ops.pool_workers import ProcessPoolWorker
+from ops.stack import STOP_TIMEOUT_SECONDS, WORKER_STARTED, LocalStack, StackState
 from tests.conftest import eventually, finished, read_flow_run
 
 POLL_SECONDS = 300
@@ -31,8 +32,8 @@ def slow_polling_pool(local_stack: LocalStack, stack: StackState, tmp_path: Path
     pool = f"wake-{uuid.uuid4().hex[:8]}"
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(
-            name=pool, type=PlatformProcessWorker.type,
-            base_job_template=PlatformProcessWorker.get_default_base_job_template(),
+            name=pool, type=ProcessPoolWorker.type,
+            base_job_template=ProcessPoolWorker.get_default_base_job_template(),
         ))
         job = client.read_deployment_by_name("dcm-job/process")
         deployment = client.create_deployment(
@@ -43,7 +44,7 @@ def slow_polling_pool(local_stack: LocalStack, stack: StackState, tmp_path: Path
     with log.open("w") as output:
         worker = subprocess.Popen(
             [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool,
-             "--type", PROCESS_WORKER_TYPE],
+             "--type", PROCESS_POOL_WORKER_TYPE],
             env={**os.environ, **local_stack.worker_environment(stack),
                  "PREFECT_WORKER_QUERY_SECONDS": str(POLL_SECONDS)},
             stdout=output, stderr=subprocess.STDOUT,

@@ -1,4 +1,4 @@
-"""The embedded Prefect server's SQLite writers queue for the write lock instead of failing (flows/prefect_server.py).
+"""The embedded Prefect server's SQLite writers queue for the write lock instead of failing (ops/prefect_server.py).
 
 Both tests drive Prefect's own SQLite database configuration on a real database file: one transaction
 reads, another connection writes and commits, then the first writes.
@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy
 from prefect.server.database.configurations import AioSqliteConfiguration
 
-from flows.prefect_server import sqlite_transactions_take_the_write_lock
+from ops.prefect_server import sqlite_transactions_take_the_write_lock
 
 
 async def _read_then_write_while_another_connection_writes(database: Path) -> list[str]:

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from flows.stack import PROJECT_DIR, LocalStack, docker_engine_answers
+from ops.stack import LocalStack, docker_engine_answers
+from tests.conftest import REPOSITORY
 
 pytestmark = pytest.mark.integration
 
-README = PROJECT_DIR / "README.md"
+README = REPOSITORY / "README.md"
 COMMAND_SECONDS = 900
 
 
@@ -33,7 +34,7 @@ def quick_start_blocks() -> list[list[str]]:
 def test_the_readme_starts_with_the_two_set_up_commands_and_ci_runs_the_second() -> None:
     assert README.read_text().splitlines()[2] == "```sh"
     assert quick_start_blocks()[0] == ["make demo", "make test"]
-    assert "make test" in (PROJECT_DIR / ".ci" / "run").read_text()
+    assert "make test" in (REPOSITORY / ".ci" / "run").read_text()
 
 
 @pytest.fixture
@@ -54,7 +55,7 @@ def test_every_quick_start_command_runs_on_a_fresh_stack(fresh_home: Path, wheel
     set_up, step_by_step = quick_start_blocks()
     outputs = {}
     for command in [set_up[0], *step_by_step]:
-        result = subprocess.run(command, shell=True, cwd=PROJECT_DIR, env=environment, capture_output=True,
+        result = subprocess.run(command, shell=True, cwd=REPOSITORY, env=environment, capture_output=True,
                                 text=True, timeout=COMMAND_SECONDS)
         outputs[command] = result.stdout
         assert result.returncode == 0, f"`{command}` exited {result.returncode}:\n{result.stdout[-3000:]}\n" \

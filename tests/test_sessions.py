@@ -22,12 +22,14 @@ from prefect.exceptions import ObjectAlreadyExists
 
 from bench.components import service_component
 from blocks.database import DcmDatabase
-from flows.demo import schedule_stable_patient, upload_example_patient
 from flows.runtime.components import Component, register_service
-from flows.runtime.records import PRE_SERVICES_JOB, SERVICE_JOB, JobRecord, PlatformRecords
-from flows.session import DEFAULT_SESSIONS_AT_ONCE, SESSION_QUEUE
-from flows.stack import PROCESS_POOL, StackState
-from flows.submit import SESSION_DEPLOYMENT, submit_job, submit_session
+from flows.runtime.names import PROCESS_POOL, SESSION_FLOW, SESSION_QUEUE, deployment
+from flows.runtime.platform_records import PlatformRecords
+from flows.runtime.records import PRE_SERVICES_JOB, SERVICE_JOB, JobRecord
+from flows.submit import submit_job, submit_session
+from ops.demo import schedule_stable_patient, upload_example_patient
+from ops.prefect_setup import DEFAULT_SESSIONS_AT_ONCE
+from ops.stack import StackState
 from tests.conftest import eventually, finished, read_logs, separate_database
 
 pytestmark = pytest.mark.integration
@@ -272,8 +274,8 @@ def test_retrying_a_failed_job_run_re_executes_the_job_and_updates_its_record(
 
 def test_sessions_run_from_a_queue_of_their_own_three_at_once(stack: StackState) -> None:
     with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name(SESSION_DEPLOYMENT)
+        session_deployment = client.read_deployment_by_name(deployment(SESSION_FLOW))
         queue = client.read_work_queue_by_name(SESSION_QUEUE, work_pool_name=PROCESS_POOL)
 
-    assert deployment.work_queue_name == SESSION_QUEUE
+    assert session_deployment.work_queue_name == SESSION_QUEUE
     assert queue.concurrency_limit == DEFAULT_SESSIONS_AT_ONCE

@@ -1,22 +1,20 @@
-"""The warm engine (flows/warm_engine.py): process-pool runs start in a fork of a process that has imported
+"""The warm engine (ops/warm_engine.py): process-pool runs start in a fork of a process that has imported
 Prefect and the flows, behave to the worker as the process it started, and fall back to a fresh engine."""
 
 from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import prefect.client.orchestration as orchestration
 import pytest
 from prefect.client.orchestration import SyncPrefectClient
 
-from flows.stack import LocalStack, StackState, process_alive
-from flows.submit import submit_job
-from flows.warm_engine import share_tls_contexts_between_prefect_clients
-from tests.conftest import eventually, finished, read_flow_run, running_callback
+from ops.stack import LocalStack, StackState, process_alive
+from ops.warm_engine import share_tls_contexts_between_prefect_clients
+from tests.conftest import SleeperRun, eventually, finished, read_flow_run
 from tests.platform import Platform, job_folder_of, parent_of
 
 
@@ -36,39 +34,34 @@ def warm_engine_stopped(stack: StackState, local_stack: LocalStack) -> Iterator[
 
 
 def test_a_process_pool_job_runs_in_a_fork_of_the_warm_engine_below_the_command_the_worker_started(
-    platform: Platform, tmp_path: Path, stack: StackState
+    platform: Platform, start_sleeper: Callable[..., SleeperRun], stack: StackState
 ) -> None:
-    job_id, pid_file = platform.sleeper_job(tmp_path, sleep=2)
-    flow_run_id = submit_job(job_id)
-    callback = running_callback(pid_file)
+    sleeper = start_sleeper(sleep=2)
 
-    run_process = parent_of(callback)
+    run_process = parent_of(sleeper.callback)
     assert parent_of(run_process) == stack.processes["warm-engine"]
-    assert parent_of(job_command_of(flow_run_id)) == stack.processes["process-worker"]
-    assert finished(flow_run_id).state.is_completed()
-    assert platform.job(job_id)["done"] is True
+    assert parent_of(job_command_of(sleeper.flow_run_id)) == stack.processes["process-worker"]
+    assert finished(sleeper.flow_run_id).state.is_completed()
+    assert platform.job(sleeper.job_id)["done"] is True
 
 
 def test_without_a_warm_engine_the_job_command_starts_a_fresh_engine_process(
-    platform: Platform, tmp_path: Path, stack: StackState, local_stack: LocalStack
+    platform: Platform, start_sleeper: Callable[..., SleeperRun], stack: StackState, local_stack: LocalStack
 ) -> None:
     with warm_engine_stopped(stack, local_stack):
-        job_id, pid_file = platform.sleeper_job(tmp_path, sleep=2)
-        flow_run_id = submit_job(job_id)
-        callback = running_callback(pid_file)
+        sleeper = start_sleeper(sleep=2)
 
-        assert parent_of(callback) == job_command_of(flow_run_id)
-        assert parent_of(parent_of(callback)) == stack.processes["process-worker"]
-        assert finished(flow_run_id).state.is_completed()
-    assert platform.job(job_id)["done"] is True
+        assert parent_of(sleeper.callback) == job_command_of(sleeper.flow_run_id)
+        assert parent_of(parent_of(sleeper.callback)) == stack.processes["process-worker"]
+        assert finished(sleeper.flow_run_id).state.is_completed()
+    assert platform.job(sleeper.job_id)["done"] is True
 
 
 def test_a_killed_job_command_takes_its_forked_run_and_the_callback_with_it(
-    platform: Platform, tmp_path: Path
+    platform: Platform, start_sleeper: Callable[..., SleeperRun]
 ) -> None:
-    job_id, pid_file = platform.sleeper_job(tmp_path)
-    flow_run_id = submit_job(job_id)
-    callback = running_callback(pid_file)
+    sleeper = start_sleeper()
+    job_id, flow_run_id, callback = sleeper.job_id, sleeper.flow_run_id, sleeper.callback
     run_process, job_folder = parent_of(callback), job_folder_of(callback)
 
     os.kill(job_command_of(flow_run_id), signal.SIGKILL)

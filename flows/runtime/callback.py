@@ -1,4 +1,4 @@
-"""The one wrapper writer and the one result reader, shared by every worker type.
+"""The one wrapper writer and the one result reader, shared by every environment type.
 
 A callback runs as `python -u dcm_callback.py` in a folder of its own: the wrapper is a fixed file
 (nothing from a record is pasted into code), the call itself is described by `invocation.json`, and

@@ -15,7 +15,7 @@ from typing import Any
 from dcm_processor_utils import zip_directory_to_bytesio
 
 from flows.runtime.errors import InvalidRecord
-from flows.runtime.records import PlatformRecords
+from flows.runtime.platform_records import PlatformRecords
 
 MANIFEST = "dcm-processor.json"
 
@@ -77,13 +77,10 @@ def register_service(records: PlatformRecords, component: Component, replace: bo
                 content, f"{component.name}-{key}.zip",
                 {"component": component.name, "version": component.version, "kind": key},
             ))
-        return records.create_service({
-            "name": component.name,
-            "version": component.version,
-            "jobs": component.service.get("jobs", []),
-            "module": records.database.make_oid(uploaded[0]),
-            "registry": records.database.make_oid(uploaded[1]),
-        })
+        return records.create_service(
+            name=component.name, version=component.version, jobs=component.service.get("jobs", []),
+            module_file_id=uploaded[0], registry_file_id=uploaded[1],
+        )
     except BaseException:
         for file_id in uploaded:
             records.remove_component_file(file_id)

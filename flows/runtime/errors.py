@@ -36,6 +36,10 @@ class AlreadyClaimed(JobNotRunnable):
     state_name = "Duplicate"
 
 
+class InstallError(InvalidRecord):
+    """A component could not be installed; nothing of it was left behind."""
+
+
 class ArchiveError(JobError):
     """An archive is corrupt, too large, or has an entry that would land outside its folder."""
 

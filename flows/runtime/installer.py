@@ -11,60 +11,31 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import tempfile
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from dcm_processor_utils import get_device_id, zip_directory_to_bytesio
 
 from flows.runtime.archive import extract_archive
 from flows.runtime.components import MANIFEST, Component, register_service
-from flows.runtime.errors import InvalidRecord, UnknownWorkerType
-from flows.runtime.process import LineHandler, run_child
-from flows.runtime.records import WORKER_DATA_FILE, PlatformRecords, WorkerRecord
-from flows.runtime.workers.base import WorkerType, worker_type_class, worker_type_for
+from flows.runtime.environments import (
+    HostSettings,
+    InstallContext,
+    WorkerSettings,
+    environment_class,
+    environment_for,
+)
+from flows.runtime.environments.base import ProgressHandler
+from flows.runtime.errors import InstallError, InvalidRecord, UnknownWorkerType
+from flows.runtime.platform_records import PlatformRecords
+from flows.runtime.process import LineHandler
+from flows.runtime.records import WORKER_DATA_FILE, WorkerRecord
 
-ProgressHandler = Callable[[str, float], None]
 DOWNLOAD_LIMIT_BYTES = 2 * 1024**3
-
-
-class InstallError(InvalidRecord):
-    """A component could not be installed; nothing of it was left behind."""
-
-
-@dataclass(frozen=True)
-class HostSettings:
-    """Where this host builds environments and where packages come from (see blocks.host.WorkerHost)."""
-
-    environments_folder: Path
-    wheelhouse: Path | None = None
-    index_url: str | None = None
-    installer: str = "auto"
-
-    def package_source_arguments(self) -> list[str]:
-        if self.wheelhouse is not None:
-            return ["--no-index", "--find-links", str(self.wheelhouse)]
-        if self.index_url:
-            return ["--index-url", self.index_url]
-        return []
-
-
-@dataclass
-class InstallContext:
-    """What a worker type needs to build one worker environment."""
-
-    name: str
-    folder: Path
-    settings: dict[str, Any]
-    host: HostSettings
-    on_line: LineHandler
-    progress: ProgressHandler
-    cleanups: list[Callable[[], None]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -142,60 +113,61 @@ class ComponentInstaller:
         worker_folder = component.subfolder(component.worker.get("path", "worker"), "worker.path")
         settings_file = worker_folder / "settings.json"
         try:
-            settings = json.loads(settings_file.read_text())
+            raw_settings = json.loads(settings_file.read_text())
         except (OSError, ValueError) as error:
             raise InstallError(f"worker settings of '{component.name}' cannot be read: {error}") from error
-        name = settings.get("name") or component.name
-        type_name = component.worker.get("type") or settings.get("type")
-        worker_type: type[WorkerType] = worker_type_class(type_name, f"worker '{name}'")
+        name = raw_settings.get("name") or component.name
+        type_name = component.worker.get("type") or raw_settings.get("type")
+        environment_type = environment_class(type_name, f"worker '{name}'")
+        settings = environment_type.settings_model.parse(raw_settings, f"worker '{name}'")
         existing = self.records.find_worker(name)
         if existing is not None:
             if not force:
                 skipped.append(f"worker '{name}' is already installed (use force to replace it)")
                 return name, existing.id
             self.remove_worker(existing)
-        context = InstallContext(name, worker_folder, settings, self.host, self.on_line, self.progress)
+        context = InstallContext(name, worker_folder, self.host, self.on_line, self.progress)
         try:
             self.progress("environment", 20)
-            fields = worker_type.install(context)
+            built = environment_type.install(context, settings)
             self.progress("upload", 80)
-            files = self._upload_worker_files(context)
-            record = {
-                **settings, **fields, "name": name, "type": type_name, "version": component.version,
-                "device_id": get_device_id(), "worker_files": files,
-            }
-            return name, self.records.create_worker(record)
+            files = self._upload_worker_files(context, settings)
+            worker_id = self.records.create_worker(
+                {**raw_settings, **built}, name=name, worker_type=type_name, version=component.version,
+                device_id=get_device_id(), worker_files=files,
+            )
+            return name, worker_id
         except BaseException:
             for cleanup in reversed(context.cleanups):
                 cleanup()
             raise
 
-    def _upload_worker_files(self, context: InstallContext) -> dict[str, Any]:
-        files: dict[str, Any] = {}
-        scripts = [*context.settings.get("pre_scripts", []), *context.settings.get("post_scripts", [])]
-        for script in dict.fromkeys(scripts):
+    def _upload_worker_files(self, context: InstallContext, settings: WorkerSettings) -> dict[str, str]:
+        files: dict[str, str] = {}
+        for script in dict.fromkeys([*settings.pre_scripts, *settings.post_scripts]):
             path = (context.folder / script).resolve()
             if not path.is_file() or not path.is_relative_to(context.folder.resolve()):
                 raise InstallError(f"worker '{context.name}': script '{script}' is not a file in the worker folder")
             files[script] = self._upload(path.read_bytes(), script, context)
-        data_dir = context.settings.get("data_dir")
-        if data_dir:
-            folder = (context.folder / data_dir).resolve()
+        if settings.data_dir:
+            folder = (context.folder / settings.data_dir).resolve()
             if not folder.is_dir() or not folder.is_relative_to(context.folder.resolve()):
-                raise InstallError(f"worker '{context.name}': data_dir '{data_dir}' is not a folder in the worker")
+                raise InstallError(
+                    f"worker '{context.name}': data_dir '{settings.data_dir}' is not a folder in the worker"
+                )
             archive = zip_directory_to_bytesio(folder).getvalue()
             files[WORKER_DATA_FILE] = self._upload(archive, f"{context.name}-data.zip", context)
         return files
 
-    def _upload(self, content: bytes, filename: str, context: InstallContext) -> Any:
+    def _upload(self, content: bytes, filename: str, context: InstallContext) -> str:
         file_id = self.records.upload_component_file(content, filename, {"worker": context.name})
         context.cleanups.append(lambda: self.records.remove_component_file(file_id))
-        return self.records.database.make_oid(file_id)
+        return file_id
 
     def remove_worker(self, worker: WorkerRecord) -> None:
         """Remove a worker's environment or image, its files and its record."""
-        with contextlib.suppress(UnknownWorkerType):
-            worker_type_for(worker).remove()
+        with contextlib.suppress(UnknownWorkerType, InvalidRecord):  # a broken record is still removable
+            environment_for(worker).remove()
         for file_id in worker.worker_files.values():
             self.records.remove_component_file(file_id)
         self.records.remove_worker(worker.id)
@@ -211,18 +183,3 @@ class ComponentInstaller:
             self.remove_worker(worker)
             removed.append(f"worker '{name}'")
         return removed
-
-
-def run_command(context: InstallContext, command: list[str], what: str) -> list[str]:
-    """Run an install step, streaming its output to the run's logs; return its stdout lines."""
-    output: list[str] = []
-
-    def collect(stream: str, line: str) -> None:
-        if stream == "stdout":
-            output.append(line)
-        context.on_line(stream, line)
-
-    child = run_child(command, env=dict(os.environ), cwd=context.folder, timeout_seconds=None, on_line=collect)
-    if child.returncode != 0:
-        raise InstallError(f"{what} failed (exit code {child.returncode}); its output is in the run's logs")
-    return output

@@ -53,34 +53,28 @@ def _stream_lines(stream: IO[bytes], name: str, on_line: LineHandler) -> None:
             on_line(name, raw.decode("utf-8", errors="replace").rstrip("\r\n"))
 
 
-def _signal_group(process_group: int, signal_number: int) -> bool:
+def send_signal(pid: int, signal_number: int, *, group: bool = False) -> bool:
+    """Send a signal to a process, or with `group` to its process group; False when it is gone (or is no
+    longer ours: its pid was reused by another user's process). Signal 0 only asks whether it is there."""
     try:
-        os.killpg(process_group, signal_number)
-    except ProcessLookupError:
+        (os.killpg if group else os.kill)(pid, signal_number)
+    except (ProcessLookupError, PermissionError):
         return False
     return True
 
 
 def kill_process_tree(process: subprocess.Popen[bytes], grace_seconds: float = GRACE_SECONDS) -> None:
     """SIGTERM the child's process group, then SIGKILL whatever is still alive after the grace period."""
-    if not _signal_group(process.pid, signal.SIGTERM):
+    if not send_signal(process.pid, signal.SIGTERM, group=True):
         process.wait()
         return
     deadline = time.monotonic() + grace_seconds
     while time.monotonic() < deadline:
-        if process.poll() is not None and not _group_alive(process.pid):
+        if process.poll() is not None and not send_signal(process.pid, 0, group=True):
             return
         time.sleep(0.05)
-    _signal_group(process.pid, signal.SIGKILL)
+    send_signal(process.pid, signal.SIGKILL, group=True)
     process.wait()
-
-
-def _group_alive(process_group: int) -> bool:
-    try:
-        os.killpg(process_group, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def run_child(

@@ -7,20 +7,40 @@ them with `--no-index`.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
-PROJECT_DIR = Path(__file__).resolve().parents[2]
+DISTRIBUTION = "dcm-processor-flows"
 EXTRA_REQUIREMENTS = ["async-timeout>=4.0.3"]
 """Wanted by redis on Python < 3.11.3 (Debian bookworm has 3.11.2); pip judges that marker by the
 host's Python, so it is asked for explicitly."""
 
 
+def installed_from() -> str:
+    """What this project was installed from, for pip: its source folder (an editable install) or the wheel
+    or archive file that was installed, as recorded in the installation's `direct_url.json`."""
+    try:
+        recorded = distribution(DISTRIBUTION).read_text("direct_url.json")
+    except PackageNotFoundError:
+        recorded = None
+    url = json.loads(recorded)["url"] if recorded else ""
+    source = Path(unquote(urlsplit(url).path)) if url.startswith("file:") else None
+    if source is None or not source.exists():
+        raise FileNotFoundError(
+            f"{DISTRIBUTION} was not installed from a folder or file that is still here ({url or 'no record'}), so "
+            "no wheelhouse can be built for it: give the dcm-worker-host block a `wheelhouse` folder"
+        )
+    return str(source)
+
+
 def build_wheelhouse(folder: Path, requirements: list[str] | None = None) -> Path:
     """Put wheels for this project and its dependencies (or for `requirements`) into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    wanted = requirements if requirements is not None else [str(PROJECT_DIR), *EXTRA_REQUIREMENTS]
+    wanted = requirements if requirements is not None else [installed_from(), *EXTRA_REQUIREMENTS]
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--isolated", "--disable-pip-version-check", "--quiet",
          "--wheel-dir", str(folder), *wanted],

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from flows.runtime.workers.base import WorkerType
+from flows.runtime.environments.base import Environment
 
 
-class LocalWorker(WorkerType):
+class LocalEnvironment(Environment):
     """The runtime's own Python; it has `dcm-processor-service`, as every worker environment must."""
 
     record_types = (None,)

@@ -9,7 +9,17 @@ import sys
 from pathlib import Path
 from uuid import UUID
 
-from flows.stack import DEFAULT_HOME, LocalStack
+from prefect.settings import PREFECT_UI_URL
+
+from blocks.database import DcmDatabase
+from blocks.host import home_folder
+from flows.bridge import SessionBridge
+from flows.runtime.names import DEFAULT_BLOCK
+from flows.runtime.platform_records import PlatformRecords
+from flows.submit import submit_install, submit_job, submit_removal, submit_session, wait_for_run
+from ops.prefect_setup import ensure_crash_automations
+from ops.progress import follow_run, run_link
+from ops.stack import LocalStack
 
 WAIT_SECONDS = 24 * 3600
 
@@ -53,8 +63,6 @@ def stack_status(arguments: argparse.Namespace) -> int:
 
 def _report(flow_run_id: UUID, wait: bool) -> int:
     """Print the run's id and, when asked to wait, its final state; non-zero when it did not complete."""
-    from flows.submit import wait_for_run
-
     print(f"flow run {flow_run_id}")
     if not wait:
         return 0
@@ -65,15 +73,11 @@ def _report(flow_run_id: UUID, wait: bool) -> int:
 
 
 def submit_job_command(arguments: argparse.Namespace) -> int:
-    from flows.submit import submit_job
-
     with _connected(arguments):
         return _report(submit_job(arguments.job_id, database_block=arguments.database_block), arguments.wait)
 
 
 def submit_session_command(arguments: argparse.Namespace) -> int:
-    from flows.submit import submit_session
-
     with _connected(arguments):
         return _report(
             submit_session(arguments.session_id, database_block=arguments.database_block), arguments.wait
@@ -81,10 +85,6 @@ def submit_session_command(arguments: argparse.Namespace) -> int:
 
 
 def bridge(arguments: argparse.Namespace) -> int:
-    from blocks.database import DcmDatabase
-    from flows.bridge import SessionBridge
-    from flows.runtime.records import PlatformRecords
-
     with _connected(arguments):
         records = PlatformRecords(DcmDatabase.resolve(arguments.database_block).open())
         print("bridge: watching the jobs collection for new sessions", flush=True)
@@ -96,10 +96,6 @@ def bridge(arguments: argparse.Namespace) -> int:
 
 def _follow(flow_run_id: UUID, title: str) -> int:
     """Show the run's progress until it ends, then its state and its page in the UI."""
-    from prefect.settings import PREFECT_UI_URL
-
-    from flows.progress import follow_run, run_link
-
     flow_run = follow_run(flow_run_id, title)
     assert flow_run.state is not None
     print(f"{flow_run.state.name}: {flow_run.state.message or ''}")
@@ -109,8 +105,6 @@ def _follow(flow_run_id: UUID, title: str) -> int:
 
 
 def install(arguments: argparse.Namespace) -> int:
-    from flows.submit import submit_install
-
     source = str(Path(arguments.source).resolve()) if Path(arguments.source).exists() else arguments.source
     with _connected(arguments):
         flow_run_id = submit_install(source, arguments.force, arguments.database_block, arguments.work_queue)
@@ -118,16 +112,12 @@ def install(arguments: argparse.Namespace) -> int:
 
 
 def remove(arguments: argparse.Namespace) -> int:
-    from flows.submit import submit_removal
-
     with _connected(arguments):
         return _follow(submit_removal(arguments.name, arguments.database_block, arguments.work_queue),
                        f"remove {arguments.name}")
 
 
 def automations(arguments: argparse.Namespace) -> int:
-    from flows.crash import ensure_crash_automations
-
     with _connected(arguments):
         for name in ensure_crash_automations():
             print(f"automation ready: {name}")
@@ -135,25 +125,33 @@ def automations(arguments: argparse.Namespace) -> int:
 
 
 def demo(arguments: argparse.Namespace) -> int:
-    from flows.demo import run_demo
+    # Deferred: the demo needs the `demo` extra (pydicom, the platform's scheduler), which a host that only
+    # runs jobs does not install.
+    from ops.demo import run_demo
 
     outcomes = run_demo(_stack(arguments))
     return 0 if all(state == "Completed" for _, state, _ in outcomes) else 1
 
 
 def try_command(arguments: argparse.Namespace) -> int:
-    from flows.demo import try_components
+    from ops.demo import try_components  # deferred: the `demo` extra, as above
 
     outcomes = try_components(_stack(arguments), [Path(component) for component in arguments.components])
     return 0 if all(state == "Completed" for _, state, _ in outcomes) else 1
 
 
+def _database_block_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--database-block", default=DEFAULT_BLOCK,
+                         help="name of the dcm-database block (default: %(default)s)")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="dcm-flows", description=__doc__)
-    root.add_argument("--home", default=str(DEFAULT_HOME), help="folder of the local stack (default: %(default)s)")
+    root.add_argument("--home", default=str(home_folder()),
+                      help="folder of the local stack (DCM_FLOWS_HOME; default: %(default)s)")
     commands = root.add_subparsers(dest="command", required=True)
 
-    stack = commands.add_parser("stack", help="the embedded local stack (SecantusDB, Prefect server, worker)")
+    stack = commands.add_parser("stack", help="the embedded local stack (SecantusDB, Prefect server, pool workers)")
     stack_commands = stack.add_subparsers(dest="action", required=True)
     stack_commands.add_parser("start", help="start it (or show where the running one is)").set_defaults(
         handler=stack_start
@@ -165,20 +163,20 @@ def parser() -> argparse.ArgumentParser:
     submit_commands = submit.add_subparsers(dest="what", required=True)
     job = submit_commands.add_parser("job", help="run one job as a dcm-job flow run")
     job.add_argument("job_id")
-    job.add_argument("--database-block", default="default")
+    _database_block_option(job)
     job.add_argument("--wait", action="store_true", help="wait for the run and exit non-zero if it failed")
     job.set_defaults(handler=submit_job_command)
 
     session = submit_commands.add_parser("session", help="run a session's job graph as a dcm-session flow run")
     session.add_argument("session_id")
-    session.add_argument("--database-block", default="default")
+    _database_block_option(session)
     session.add_argument("--wait", action="store_true", help="wait for the run and exit non-zero if it failed")
     session.set_defaults(handler=submit_session_command)
 
     bridge_parser = commands.add_parser(
         "bridge", help="run every session the platform's scheduler creates, once (drop-in for mongo-qas)"
     )
-    bridge_parser.add_argument("--database-block", default="default")
+    _database_block_option(bridge_parser)
     bridge_parser.add_argument("--poll-seconds", type=float, default=2.0)
     bridge_parser.add_argument("--run-for-seconds", type=float, default=None)
     bridge_parser.set_defaults(handler=bridge)
@@ -186,12 +184,12 @@ def parser() -> argparse.ArgumentParser:
     install_parser = commands.add_parser("install", help="install a component (folder, archive or URL)")
     install_parser.add_argument("source")
     install_parser.add_argument("--force", action="store_true", help="replace an installed one of the same name")
-    install_parser.add_argument("--database-block", default="default")
+    _database_block_option(install_parser)
     install_parser.add_argument("--work-queue", default=None, help="queue of the host to install on (its device id)")
     install_parser.set_defaults(handler=install)
     remove_parser = commands.add_parser("remove", help="remove a component's service and worker")
     remove_parser.add_argument("name")
-    remove_parser.add_argument("--database-block", default="default")
+    _database_block_option(remove_parser)
     remove_parser.add_argument("--work-queue", default=None, help="queue of the host the component is on")
     remove_parser.set_defaults(handler=remove)
 

@@ -1,5 +1,5 @@
-"""The embedded local stack: SecantusDB, a Prefect server on SQLite (flows/prefect_server.py), the work pools,
-deployments and workers.
+"""The embedded local stack: SecantusDB, a Prefect server on SQLite (ops/prefect_server.py), the work pools,
+deployments, pool workers and the warm engine.
 
 This is what `dcm-flows stack start`, `make demo` and the test fixtures use, so the development set-up
 and the tested set-up are the same. Each service is a separate process started in a session of its
@@ -27,26 +27,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
+import docker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from pydantic import SecretStr
 
 from blocks.database import ENVIRONMENT_NAME, ENVIRONMENT_PROVIDER, ENVIRONMENT_URL, DcmDatabase
-from blocks.host import WorkerHost
-from flows.crash import ensure_crash_automations
-from flows.pool_workers import DOCKER_WORKER_TYPE, PROCESS_WORKER_TYPE, PlatformDockerWorker, PlatformProcessWorker
-from flows.session import limit_sessions_at_once
-from flows.warm_engine import SOCKET_VARIABLE
+from blocks.host import home_folder
+from flows.runtime.names import DOCKER_POOL, DOCKER_POOL_WORKER_TYPE, PROCESS_POOL, PROCESS_POOL_WORKER_TYPE
+from flows.runtime.process import send_signal
+from ops.prefect_setup import set_up
+from ops.warm_engine import SOCKET_VARIABLE
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-DEFAULT_HOME = Path(os.environ.get("DCM_FLOWS_HOME", PROJECT_DIR / ".dcm-flows"))
-PROCESS_POOL = "dcm-process"
-DOCKER_POOL = "dcm-docker"
 WORKER_STARTED = "started!"
 """What a Prefect worker prints once it polls."""
 DATABASE_NAME = "dcm-processor"
-DATABASE_BLOCK = "default"
 START_TIMEOUT_SECONDS = 90
 STOP_TIMEOUT_SECONDS = 15
 
@@ -54,8 +48,6 @@ STOP_TIMEOUT_SECONDS = 15
 def docker_engine_answers() -> bool:
     """Whether a Docker engine is reachable (the docker pool gets a worker only then)."""
     try:
-        import docker
-
         docker.from_env(timeout=5).ping()
     except Exception:
         return False
@@ -136,8 +128,8 @@ class StackState:
 class LocalStack:
     """Starts, describes and stops the embedded services below one home folder."""
 
-    def __init__(self, home: Path = DEFAULT_HOME) -> None:
-        self.home = home.resolve()
+    def __init__(self, home: Path | None = None) -> None:
+        self.home = (home or home_folder()).resolve()
         self.state_file = self.home / "stack.json"
         self.logs = self.home / "logs"
         self.warm_engine_socket = self.home / "warm-engine.sock"
@@ -156,7 +148,7 @@ class LocalStack:
         with open(self.logs / f"{name}.log", "ab") as log:
             process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **environment}, start_new_session=True, cwd=PROJECT_DIR,
+                env={**os.environ, **environment}, start_new_session=True, cwd=self.home,
             )
         return process.pid
 
@@ -227,7 +219,7 @@ class LocalStack:
     def _spawn_server(self, state: StackState) -> None:
         port = str(urlsplit(state.api_url).port)
         state.processes["prefect-server"] = self._spawn("prefect-server", [
-            sys.executable, "-m", "flows.prefect_server", "--host", "127.0.0.1", "--port", port,
+            sys.executable, "-m", "ops.prefect_server", "--host", "127.0.0.1", "--port", port,
         ], {**self._prefect_environment(), "PREFECT_UI_API_URL": state.api_url})
         self._save(state)
 
@@ -240,7 +232,7 @@ class LocalStack:
         self._spawn_server(state)
         self._wait_for_server(state)
 
-    def replace_process_worker(self, state: StackState, worker_type: str = PROCESS_WORKER_TYPE) -> None:
+    def replace_process_worker(self, state: StackState, worker_type: str = PROCESS_POOL_WORKER_TYPE) -> None:
         """Replace the process worker by one of `worker_type` (`process` is Prefect's own, which the bench
         compares with this project's); return once it has started."""
         _terminate(state.processes.pop("process-worker"))
@@ -258,17 +250,17 @@ class LocalStack:
             SOCKET_VARIABLE: str(self.warm_engine_socket),
         }
 
-    def start_workers(self, state: StackState, process_worker_type: str = PROCESS_WORKER_TYPE) -> None:
+    def start_workers(self, state: StackState, process_worker_type: str = PROCESS_POOL_WORKER_TYPE) -> None:
         """Start the workers that are not running (all of them on a fresh stack), as a service manager
         would restart a worker that died."""
         worker_environment = self.worker_environment(state)
         worker = [_executable("prefect"), "worker", "start", "--pool"]
         commands = {
-            "warm-engine": [sys.executable, "-m", "flows.warm_engine", "serve", str(self.warm_engine_socket)],
+            "warm-engine": [sys.executable, "-m", "ops.warm_engine", "serve", str(self.warm_engine_socket)],
             "process-worker": [*worker, PROCESS_POOL, "--type", process_worker_type],
         }
         if docker_engine_answers():
-            commands["docker-worker"] = [*worker, DOCKER_POOL, "--type", DOCKER_WORKER_TYPE]
+            commands["docker-worker"] = [*worker, DOCKER_POOL, "--type", DOCKER_POOL_WORKER_TYPE]
         for name, command in commands.items():
             if not (name in state.processes and process_alive(state.processes[name])):
                 state.processes[name] = self._spawn(name, command, worker_environment)
@@ -276,26 +268,11 @@ class LocalStack:
         _wait("the warm engine", lambda: _socket_answers(self.warm_engine_socket), self.logs / "warm-engine.log")
 
     def configure(self, state: StackState) -> None:
-        """Register the block types, create the pools, deploy from prefect.yaml, save the database block.
-
-        Everything but the deployments is done through the API from this process: each `prefect` command
-        is a Python process that imports Prefect first, seconds apiece.
-        """
+        """Set the stack's Prefect server up for this project (ops/prefect_setup.py), with the stack's
+        database as the default database block."""
         with self.connected(state):
-            for block_type in (DcmDatabase, WorkerHost):
-                block_type.register_type_and_schema()
-            create_work_pools()
-        environment = {**os.environ, **self._prefect_environment(state.api_url)}
-        command = [_executable("prefect"), "--no-prompt", "deploy", "--all"]
-        completed = subprocess.run(command, cwd=PROJECT_DIR, env=environment, capture_output=True, text=True)
-        if completed.returncode != 0:
-            raise StackError(f"`{' '.join(command[1:])}` failed:\n{completed.stdout}\n{completed.stderr}")
-        with self.connected(state):
-            DcmDatabase(url=SecretStr(state.database_url), database_name=DATABASE_NAME).save(
-                DATABASE_BLOCK, overwrite=True
-            )
-            ensure_crash_automations()
-            limit_sessions_at_once(PROCESS_POOL)
+            set_up(DcmDatabase(url=SecretStr(state.database_url), database_name=DATABASE_NAME),
+                   self._prefect_environment(state.api_url), self.home)
 
     @contextmanager
     def connected(self, state: StackState) -> Iterator[None]:
@@ -321,31 +298,17 @@ class LocalStack:
         self.state_file.unlink(missing_ok=True)
 
 
-def create_work_pools() -> None:
-    """The `dcm-process` and `dcm-docker` work pools, with their worker types' default job templates
-    (an existing pool is updated, as `prefect work-pool create --overwrite` does)."""
-    with get_client(sync_client=True) as client:
-        for name, worker in ((PROCESS_POOL, PlatformProcessWorker), (DOCKER_POOL, PlatformDockerWorker)):
-            client.create_work_pool(WorkPoolCreate(
-                name=name, type=worker.type, base_job_template=worker.get_default_base_job_template(),
-            ), overwrite=True)
-
-
 def _terminate(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
+    """SIGTERM a service's process group, SIGKILL after STOP_TIMEOUT_SECONDS."""
+    if not send_signal(pid, signal.SIGTERM, group=True):
         return
     deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         _reap(pid)
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
+        if not send_signal(pid, 0, group=True):
             return
         time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
+    send_signal(pid, signal.SIGKILL, group=True)
 
 
 def process_alive(pid: int) -> bool:

@@ -11,7 +11,7 @@ allows, so concurrent writers queue for milliseconds instead of failing. Prefect
 IMMEDIATE the transactions it marks `with_for_update`; here every transaction is begun so. Only the
 SQLite configuration changes: on PostgreSQL this is `prefect server start` as shipped.
 
-Usage: `python -m flows.prefect_server [options of prefect server start]`.
+Usage: `python -m ops.prefect_server [options of prefect server start]`.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def sqlite_transactions_take_the_write_lock() -> None:
 def main() -> None:
     """Run `prefect server start` with this command's arguments in this process, its SQLite writers queueing."""
     sqlite_transactions_take_the_write_lock()
-    from prefect.cli import app
+    from prefect.cli import app  # deferred: about 1 s, and the tests import this module for the change alone
 
     sys.argv = ["prefect", "server", "start", *sys.argv[1:]]
     app()

@@ -1,4 +1,4 @@
-"""The workers of the platform's two work pools: Prefect's own, with two changes.
+"""The pool workers of the platform's two work pools: Prefect's own, with two changes.
 
 * **Both wake up for new runs.** A stock worker finds a new flow run at its next poll, on average half
   a poll interval after the run was created. These workers also listen to the server's event stream
@@ -23,6 +23,7 @@ from uuid import UUID
 
 import anyio
 import anyio.abc
+from docker.errors import NotFound
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
@@ -36,6 +37,8 @@ from prefect.utilities.asyncutils import run_sync_in_worker_thread
 from prefect.workers.process import ProcessWorker
 from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration, DockerWorkerResult
 
+from flows.runtime.names import DOCKER_POOL_WORKER_TYPE, PROCESS_POOL_WORKER_TYPE
+
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
     from prefect.workers.base import BaseWorker
@@ -44,8 +47,6 @@ if TYPE_CHECKING:
 else:
     _Worker = object
 
-PROCESS_WORKER_TYPE = "dcm-process"
-DOCKER_WORKER_TYPE = "dcm-docker"
 NEW_RUN_EVENT = "prefect.flow-run.Scheduled"
 LISTEN_RETRY_SECONDS = 5.0
 FLOW_RUN_LABEL = "io.prefect.flow-run-id"
@@ -104,7 +105,7 @@ class WakesOnNewRuns(_Worker):
                 self._logger.exception("polling for new flow runs failed")
 
 
-class PlatformProcessWorker(WakesOnNewRuns, ProcessWorker):
+class ProcessPoolWorker(WakesOnNewRuns, ProcessWorker):
     """Prefect's process worker, woken by new runs."""
 
     _display_name = "Process (dcm-processor)"
@@ -112,10 +113,10 @@ class PlatformProcessWorker(WakesOnNewRuns, ProcessWorker):
     @classmethod
     def __dispatch_key__(cls) -> str:
         """Registered apart from Prefect's process worker, whose key is its `type`, which this one keeps."""
-        return PROCESS_WORKER_TYPE
+        return PROCESS_POOL_WORKER_TYPE
 
 
-class PlatformDockerWorker(WakesOnNewRuns, DockerWorker):
+class DockerPoolWorker(WakesOnNewRuns, DockerWorker):
     """prefect-docker's worker, woken by new runs; it removes each container once its exit code is read."""
 
     _display_name = "Docker (dcm-processor)"
@@ -123,7 +124,7 @@ class PlatformDockerWorker(WakesOnNewRuns, DockerWorker):
     @classmethod
     def __dispatch_key__(cls) -> str:
         """Registered apart from prefect-docker's worker, whose key is its `type`, which this one keeps."""
-        return DOCKER_WORKER_TYPE
+        return DOCKER_POOL_WORKER_TYPE
 
     async def setup(self) -> None:
         """Also remove what a worker before this one left: it removes containers after their runs, so one
@@ -173,8 +174,6 @@ class PlatformDockerWorker(WakesOnNewRuns, DockerWorker):
 
         A running one is left alone: the worker stopping is no reason to end its job.
         """
-        from docker.errors import NotFound
-
         client = self._get_client()
         filters = {"label": f"{FLOW_RUN_LABEL}={flow_run_id}", "status": list(STOPPED_STATUSES)}
         try:

@@ -9,44 +9,47 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from flows.runtime.workers.base import WorkerType
+from pydantic import Field
 
-if TYPE_CHECKING:
-    from flows.runtime.installer import InstallContext
+from flows.runtime.environments.base import Environment, InstallContext, WorkerSettings
+from flows.runtime.errors import InstallError
 
 SERVICE_PACKAGE = "dcm-processor-service"
 
 
-class VenvWorker(WorkerType):
-    """A virtual environment on this host; the record gives `path`, `venv_path` and `venv_python_path`.
+class VenvSettings(WorkerSettings):
+    """Where a venv worker's environment is. The platform stores `venv_python_path` as an absolute path and
+    `venv_path` relative to `path`; joining them the way the platform does accepts both forms."""
 
-    The platform stores `venv_python_path` as an absolute path and `venv_path` relative to `path`;
-    joining them the way the platform does accepts both forms.
-    """
+    path: str | None = Field(default=None, description="The worker's folder on its host.")
+    venv_path: str = Field(default="venv", description="The virtual environment, relative to `path`.")
+    venv_python_path: str = Field(
+        default="bin/python", description="The environment's Python, absolute or relative to `venv_path`."
+    )
+
+
+class VenvEnvironment(Environment):
+    """A virtual environment on this host, built by `install` with the Python the worker asks for."""
 
     record_types = ("venv", "virtualenv")
+    settings_model = VenvSettings
+    settings: VenvSettings
 
     def interpreter(self) -> Path:
-        assert self.worker is not None
-        python = self.worker.setting("venv_python_path", str, default="bin/python")
-        venv = self.worker.setting("venv_path", str, default="venv")
-        home = self.worker.setting("path", str, default="/")
-        return Path(home, venv, python)
+        return Path(self.settings.path or "/", self.settings.venv_path, self.settings.venv_python_path)
 
     @classmethod
-    def install(cls, context: InstallContext) -> dict[str, Any]:
+    def install(cls, context: InstallContext, settings: WorkerSettings) -> dict[str, Any]:
         """virtualenv with the Python that `python_version` asks for, then dcm-processor-service and the
         worker's requirements (uv when available, else pip), from the host's wheelhouse or index."""
-        from flows.runtime.installer import run_command
-
-        interpreter, version = find_interpreter(context.settings.get("python_version"))
+        interpreter, version = find_interpreter(settings.python_version)
         home = context.host.environments_folder / context.name
         shutil.rmtree(home, ignore_errors=True)
         context.cleanups.append(lambda: shutil.rmtree(home, ignore_errors=True))
         venv = home / "venv"
-        run_command(context, [sys.executable, "-m", "virtualenv", "--python", str(interpreter), str(venv)],
+        context.run([sys.executable, "-m", "virtualenv", "--python", str(interpreter), str(venv)],
                     "creating the virtual environment")
         python = venv / "bin" / "python"
         context.progress("packages", 40)
@@ -63,22 +66,20 @@ class VenvWorker(WorkerType):
         else:
             install = [str(python), "-m", "pip", "install", "--disable-pip-version-check", *sources, *packages]
             freeze = [str(python), "-m", "pip", "freeze", "--disable-pip-version-check"]
-        run_command(context, install, "installing the worker's packages")
+        context.run(install, "installing the worker's packages")
         return {
             "path": str(home),
             "venv_path": "venv",
             "venv_python_path": str(python),
             "python_version": version,
-            "python_version_requested": context.settings.get("python_version"),
+            "python_version_requested": settings.python_version,
             "installer": "uv" if use_uv else "pip",
-            "packages": run_command(context, freeze, "listing the installed packages"),
+            "packages": context.run(freeze, "listing the installed packages"),
         }
 
     def remove(self) -> None:
-        assert self.worker is not None
-        home = self.worker.setting("path", str)
-        if home and Path(home, "venv").is_dir():
-            shutil.rmtree(home, ignore_errors=True)
+        if self.settings.path and Path(self.settings.path, "venv").is_dir():
+            shutil.rmtree(self.settings.path, ignore_errors=True)
 
 
 def _version_of(python: str) -> str | None:
@@ -103,8 +104,6 @@ def _version_key(version: str) -> tuple[int, ...]:
 
 def find_interpreter(requested: str | None) -> tuple[Path, str]:
     """The interpreter for `python_version`: "3.11" (newest 3.11.x), "3.11.7", a path, or None (this one)."""
-    from flows.runtime.installer import InstallError
-
     if not requested:
         return Path(sys.executable), _version_of(sys.executable) or ""
     requested = str(requested).strip()

@@ -21,12 +21,14 @@ from pydicom.uid import generate_uid
 from rich.console import Console
 
 from blocks.database import DcmDatabase
-from flows.progress import follow_run, run_link
-from flows.runtime.records import PlatformRecords
-from flows.stack import DATABASE_BLOCK, PROJECT_DIR, LocalStack, StackState, docker_engine_answers
+from flows.runtime.names import DEFAULT_BLOCK
+from flows.runtime.platform_records import PlatformRecords
 from flows.submit import submit_install, submit_session
+from ops.progress import follow_run, run_link
+from ops.stack import LocalStack, StackState, docker_engine_answers
 
-EXAMPLES_FOLDER = PROJECT_DIR / "examples" / "components"
+EXAMPLES_FOLDER = Path(__file__).resolve().parents[1] / "examples" / "components"
+"""The example components of a checkout (they are not part of the installed package)."""
 EXAMPLE_COMPONENTS = ("series-summary", "nifti-converter")
 DOCKER_EXAMPLE_COMPONENT = "series-qc"
 DEMO_PEER = "demo-peer"
@@ -90,6 +92,9 @@ def schedule_stable_patient(database: DcmDatabase, records: PlatformRecords, dev
 
 def demo_components(say: Callable[[str], None]) -> list[Path]:
     """The example components; the docker one only when a Docker engine answers."""
+    if not EXAMPLES_FOLDER.is_dir():
+        raise FileNotFoundError(f"the demo runs the example components of a checkout; {EXAMPLES_FOLDER} is missing "
+                                "(use `dcm-flows try FOLDER` with a component of your own)")
     components = [EXAMPLES_FOLDER / name for name in EXAMPLE_COMPONENTS]
     if docker_engine_answers():
         components.append(EXAMPLES_FOLDER / DOCKER_EXAMPLE_COMPONENT)
@@ -128,7 +133,7 @@ def try_components(
 
 
 def _run_session(state: StackState, say: Callable[[str], None], console: Console | None) -> list[Outcome]:
-    database = DcmDatabase.load(DATABASE_BLOCK)
+    database = DcmDatabase.load(DEFAULT_BLOCK)
     records = PlatformRecords(database.open())
     upload_example_patient(database)
     session_id = schedule_stable_patient(database, records)

@@ -1,4 +1,4 @@
-"""The one builder of environments: a callback's DCM-PROCESSOR-SERVICE-* variables, and a flow run's settings.
+"""The one builder of environment variables: a callback's DCM-PROCESSOR-SERVICE-* variables, and a flow run's.
 
 `dcm_processor_service` reads the service variables (their names contain dashes) to reach session
 data and files. The worker's own Prefect settings and database variables are removed, so a callback
@@ -34,7 +34,7 @@ def service_variables(job: JobRecord, database: DBManager) -> dict[str, str]:
         "DB-NAME": database.dbname,
         "SESSION-ID": job.session_id,
         "JOB-ID": job.id,
-        "JOB-EVENT": job.event or job.kwargs.get("event"),
+        "JOB-EVENT": job.event,
         "JOB-NAME": job.job_name,
         "JOB-SERVICE-NAME": job.service_name,
         "PEER-ID": job.peer_id,
@@ -42,7 +42,7 @@ def service_variables(job: JobRecord, database: DBManager) -> dict[str, str]:
     return {SERVICE_PREFIX + name: "" if value is None else str(value) for name, value in values.items()}
 
 
-def child_environment(
+def callback_variables(
     service: Mapping[str, str], extra: Mapping[str, str] | None = None, base: Mapping[str, str] | None = None
 ) -> dict[str, str]:
     """The worker's environment without its Prefect and database settings, plus the service variables."""

@@ -1,0 +1,16 @@
+"""What a run's child processes print, into the run's logs in the Prefect UI: one line, one log record."""
+
+from __future__ import annotations
+
+import logging
+
+from flows.runtime.process import LineHandler
+
+
+def line_logger(logger: logging.Logger | logging.LoggerAdapter[logging.Logger]) -> LineHandler:
+    """A line handler that logs stdout lines as INFO and stderr lines as WARNING."""
+
+    def log_line(stream: str, line: str) -> None:
+        logger.log(logging.WARNING if stream == "stderr" else logging.INFO, line)
+
+    return log_line

@@ -1,0 +1,61 @@
+"""The one source of the names Prefect knows this project by: pools, queues, flows, deployments, blocks, and
+the parameters of a `dcm-job` run.
+
+prefect.yaml spells the same names (tests/test_deployments.py checks that it does); every Python module
+imports them from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+PROCESS_POOL = "dcm-process"
+"""Runs venv jobs, jobs without a worker, sessions, installs, the bridge and crash repair."""
+DOCKER_POOL = "dcm-docker"
+"""Runs docker jobs, each in a container of its worker's image."""
+
+DEFAULT_QUEUE = "default"
+SESSION_QUEUE = "sessions"
+"""The process pool's queue of session runs; its concurrency limit caps the sessions run at once."""
+
+PROCESS_POOL_WORKER_TYPE = "dcm-process"
+DOCKER_POOL_WORKER_TYPE = "dcm-docker"
+"""`prefect worker start --type ...` of this project's pool workers (ops/pool_workers.py)."""
+
+DEFAULT_BLOCK = "default"
+"""The name of the `dcm-database` and `dcm-worker-host` blocks a run uses unless told otherwise."""
+
+JOB_FLOW = "dcm-job"
+SESSION_FLOW = "dcm-session"
+INSTALL_FLOW = "dcm-install-component"
+REMOVE_FLOW = "dcm-remove-component"
+BRIDGE_FLOW = "dcm-bridge"
+RECORD_CRASH_FLOW = "dcm-record-crash"
+
+PROCESS_DEPLOYMENT = "process"
+DOCKER_DEPLOYMENT = "docker"
+
+
+def deployment(flow: str, name: str = PROCESS_DEPLOYMENT) -> str:
+    """The `flow/deployment` name that `run_deployment` and `prefect deployment run` take."""
+    return f"{flow}/{name}"
+
+
+@dataclass(frozen=True)
+class JobParameters:
+    """The parameters of a `dcm-job` flow run: ids and names only, never the job's data."""
+
+    job_id: str
+    database_block: str = DEFAULT_BLOCK
+
+    def as_parameters(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def of_run(cls, parameters: Mapping[str, Any]) -> JobParameters | None:
+        """The job parameters of a flow run's parameters; None for a run that is not a job's."""
+        if not parameters.get("job_id"):
+            return None
+        return cls(str(parameters["job_id"]), str(parameters.get("database_block") or DEFAULT_BLOCK))

@@ -1,0 +1,169 @@
+"""Everything that sets a Prefect server up for this project, in one place: block types, work pools, the
+deployments of prefect.yaml, the sessions' queue limit, the crash automations and the database block.
+
+Each step is idempotent (an existing pool, deployment or automation is updated), so running them all
+again against a configured server changes nothing. The embedded stack runs them at its start.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from uuid import UUID
+
+from prefect.automations import Automation
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.objects import StateType
+from prefect.events.actions import ChangeFlowRunState, RunDeployment
+from prefect.events.schemas.automations import EventTrigger, Posture
+from prefect.events.schemas.events import ResourceSpecification
+from prefect.exceptions import ObjectNotFound
+
+from blocks.database import DcmDatabase
+from blocks.host import WorkerHost
+from flows.runtime.names import (
+    DEFAULT_BLOCK,
+    DOCKER_POOL,
+    JOB_FLOW,
+    PROCESS_POOL,
+    RECORD_CRASH_FLOW,
+    SESSION_FLOW,
+    SESSION_QUEUE,
+    deployment,
+)
+from flows.runtime.variables import HEARTBEAT_SECONDS
+from ops.pool_workers import DockerPoolWorker, ProcessPoolWorker
+
+PREFECT_YAML = Path(__file__).with_name("prefect.yaml")
+"""The deployments (the repository's top-level prefect.yaml, shipped inside the package)."""
+MISSED_HEARTBEATS_SECONDS = 2 * HEARTBEAT_SECONDS + 15
+FLOW_RUN_ENDED = ["Completed", "Failed", "Cancelled", "Crashed"]
+DEFAULT_SESSIONS_AT_ONCE = 3
+
+
+class SetupError(RuntimeError):
+    """A set-up step failed; the message says which and why."""
+
+
+def register_block_types() -> None:
+    """The `dcm-database` and `dcm-worker-host` block types (`prefect block register -m blocks` does the same)."""
+    for block_type in (DcmDatabase, WorkerHost):
+        block_type.register_type_and_schema()
+
+
+def create_work_pools() -> None:
+    """The `dcm-process` and `dcm-docker` work pools, with their pool workers' default job templates
+    (an existing pool is updated, as `prefect work-pool create --overwrite` does)."""
+    with get_client(sync_client=True) as client:
+        for name, worker in ((PROCESS_POOL, ProcessPoolWorker), (DOCKER_POOL, DockerPoolWorker)):
+            client.create_work_pool(WorkPoolCreate(
+                name=name, type=worker.type, base_job_template=worker.get_default_base_job_template(),
+            ), overwrite=True)
+
+
+def deploy(environment: Mapping[str, str], folder: Path) -> None:
+    """`prefect deploy --all` of the packaged prefect.yaml, run in `folder` with `environment` (the API URL)."""
+    prefect = Path(sys.executable).with_name("prefect")
+    command = [str(prefect), "--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_YAML)]
+    completed = subprocess.run(command, cwd=folder, env={**os.environ, **environment}, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise SetupError(f"`prefect deploy --all` failed:\n{completed.stdout}\n{completed.stderr}")
+
+
+def limit_sessions_at_once(pool: str = PROCESS_POOL, limit: int = DEFAULT_SESSIONS_AT_ONCE) -> None:
+    """Cap how many session runs the pool runs at once (the concurrency limit of their work queue).
+
+    Each session runs up to `max_parallel_jobs` jobs; more sessions at once than the hosts and the
+    Prefect server's database can serve only slows every one of them, so the rest wait, Scheduled.
+    """
+    with get_client(sync_client=True) as client:
+        try:
+            queue_id = client.read_work_queue_by_name(SESSION_QUEUE, work_pool_name=pool).id
+        except ObjectNotFound:
+            queue_id = client.create_work_queue(name=SESSION_QUEUE, work_pool_name=pool).id
+        client.update_work_queue(queue_id, concurrency_limit=limit)
+
+
+def crash_automations(record_crash_deployment_id: UUID) -> list[Automation]:
+    """Prefect's recipe for zombie runs, and the repair of their records (flows/crash.py).
+
+    A run whose process and pool worker are gone sends no heartbeat: after MISSED_HEARTBEATS_SECONDS it is
+    set Crashed. Every crashed `dcm-job` or `dcm-session` run then gets a `dcm-record-crash` run.
+    """
+    crash_silent_runs = Automation(
+        name="dcm: crash runs without heartbeat",
+        description="A flow run whose heartbeats stop (its process and its worker are gone) is set Crashed.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", *(f"prefect.flow-run.{state}" for state in FLOW_RUN_ENDED)},
+            match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=MISSED_HEARTBEATS_SECONDS),
+        ),
+        actions=[ChangeFlowRunState(
+            state=StateType.CRASHED,
+            message=f"no heartbeat for {MISSED_HEARTBEATS_SECONDS} s: the run's process and its worker are gone",
+        )],
+    )
+    record_crashed_jobs = Automation(
+        name="dcm: record crashed jobs",
+        description=(
+            "Each crashed dcm-job run gets its failure written onto its job record by dcm-record-crash; "
+            "a crashed dcm-session run gets the job runs that ran in its process crashed."
+        ),
+        trigger=EventTrigger(
+            expect={"prefect.flow-run.Crashed"},
+            match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
+            match_related=ResourceSpecification({
+                "prefect.resource.role": "flow", "prefect.resource.name": [JOB_FLOW, SESSION_FLOW],
+            }),
+            posture=Posture.Reactive,
+            threshold=1,
+            within=timedelta(0),
+        ),
+        actions=[RunDeployment(
+            source="selected",
+            deployment_id=record_crash_deployment_id,
+            parameters={"flow_run_id": "{{ event.resource.id }}"},
+        )],
+    )
+    return [crash_silent_runs, record_crashed_jobs]
+
+
+def ensure_crash_automations() -> list[str]:
+    """Create the automations, replacing earlier versions of the same name; return their names.
+
+    Needs the `dcm-record-crash/process` deployment (`prefect deploy --all`, or `deploy()`).
+    """
+    with get_client(sync_client=True) as prefect:
+        try:
+            record_crash = prefect.read_deployment_by_name(deployment(RECORD_CRASH_FLOW))
+        except ObjectNotFound as missing:
+            raise SetupError(
+                f"deployment {deployment(RECORD_CRASH_FLOW)} is missing: run `prefect deploy --all`"
+            ) from missing
+        names = []
+        for automation in crash_automations(record_crash.id):
+            for existing in prefect.read_automations_by_name(automation.name):
+                prefect.delete_automation(existing.id)
+            automation.create()
+            names.append(automation.name)
+        return names
+
+
+def set_up(database: DcmDatabase, environment: Mapping[str, str], folder: Path) -> None:
+    """Every step, in order, against the Prefect API this process is connected to (`environment` points the
+    `prefect deploy` command at the same one); `database` is saved as the `default` database block."""
+    register_block_types()
+    create_work_pools()
+    deploy(environment, folder)
+    database.save(DEFAULT_BLOCK, overwrite=True)
+    ensure_crash_automations()
+    limit_sessions_at_once()
