@@ -36,9 +36,11 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, 
     """A fresh virtual environment outside the checkout with the built wheel installed; its bin folder and an
     environment for commands run in it (none of the test session's Prefect or database variables)."""
     folder = tmp_path_factory.mktemp("installed")
-    dist = folder / "dist"
-    build = [sys.executable, "-m", "uv", "build", "--wheel", "--out-dir", str(dist), str(REPOSITORY)]
-    run(build, folder, dict(os.environ))
+    source, dist = folder / "source", folder / "dist"
+    # Built from a copy: a build leaves build/ and an egg-info behind in the folder it builds.
+    shutil.copytree(REPOSITORY, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".dcm-flows", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache"))
+    run([sys.executable, "-m", "uv", "build", "--wheel", "--out-dir", str(dist), str(source)], folder, dict(os.environ))
     wheel = next(dist.glob("dcm_processor_flows-*.whl"))
     venv = folder / "venv"
     run([sys.executable, "-m", "venv", str(venv)], folder, dict(os.environ))

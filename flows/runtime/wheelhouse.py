@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from importlib.metadata import PackageNotFoundError, distribution
+from importlib.metadata import distributions
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -23,10 +23,8 @@ host's Python, so it is asked for explicitly."""
 def installed_from() -> str:
     """What this project was installed from, for pip: its source folder (an editable install) or the wheel
     or archive file that was installed, as recorded in the installation's `direct_url.json`."""
-    try:
-        recorded = distribution(DISTRIBUTION).read_text("direct_url.json")
-    except PackageNotFoundError:
-        recorded = None
+    records = (found.read_text("direct_url.json") for found in distributions(name=DISTRIBUTION))
+    recorded = next((record for record in records if record), None)  # a build's egg-info in a checkout has none
     url = json.loads(recorded)["url"] if recorded else ""
     source = Path(unquote(urlsplit(url).path)) if url.startswith("file:") else None
     if source is None or not source.exists():
