@@ -14,6 +14,7 @@ from collections.abc import Callable
 from prefect import flow, get_run_logger
 
 from blocks.database import DcmDatabase
+from flows.runtime.errors import DatabaseUnavailable, JobError
 from flows.runtime.names import BRIDGE_FLOW, DEFAULT_BLOCK
 from flows.runtime.platform_records import PlatformRecords
 from flows.submit import submit_session
@@ -27,18 +28,31 @@ def session_idempotency_key(session_id: str) -> str:
 
 
 class SessionBridge:
-    """One pass (`poll_once`) or a loop (`run`) of watching for new sessions."""
+    """One pass (`poll_once`) or a loop (`run`) of watching for new sessions.
+
+    A session whose jobs cannot be read is reported (by id) and left to the platform, once: it does not
+    stop the sessions after it. A database outage ends a pass; the next pass tries again.
+    """
 
     def __init__(self, records: PlatformRecords, database_block: str = DEFAULT_BLOCK,
                  say: Callable[[str], None] = print) -> None:
         self.records = records
         self.database_block = database_block
         self.say = say
+        self.refused: set[str] = set()
 
     def poll_once(self) -> list[str]:
         """Submit every session that is ready; return their ids."""
         submitted = []
         for session_id in self.records.sessions_ready_for_bridge():
+            if session_id in self.refused:
+                continue
+            try:
+                self.records.session_jobs(session_id)
+            except JobError as invalid:
+                self.refused.add(session_id)
+                self.say(f"session {session_id}: not submitted, its jobs cannot be run: {invalid}")
+                continue
             flow_run_id = submit_session(
                 session_id, self.database_block, idempotency_key=session_idempotency_key(session_id)
             )
@@ -50,7 +64,10 @@ class SessionBridge:
     def run(self, poll_seconds: float = POLL_SECONDS, run_for_seconds: float | None = None) -> None:
         deadline = None if run_for_seconds is None else time.monotonic() + run_for_seconds
         while deadline is None or time.monotonic() < deadline:
-            self.poll_once()
+            try:
+                self.poll_once()
+            except DatabaseUnavailable as outage:
+                self.say(f"{outage}; trying again in {poll_seconds:g} s")
             time.sleep(poll_seconds)
 
 

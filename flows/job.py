@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -17,8 +18,8 @@ from prefect.context import TagsContext
 from prefect.states import Cancelled, Crashed, Failed
 
 from blocks.database import DcmDatabase
-from flows.run_logs import line_logger
-from flows.runtime.errors import AlreadyClaimed, CallbackFailed, DatabaseUnavailable, RunCancelled
+from flows.run_logs import RunLogger, line_logger
+from flows.runtime.errors import AlreadyClaimed, CallbackFailed, ClaimLost, DatabaseUnavailable, RunCancelled
 from flows.runtime.job_run import JobRun, Outcome, PreparedJob
 from flows.runtime.names import DEFAULT_BLOCK, JOB_FLOW
 from flows.runtime.platform_records import PlatformRecords
@@ -56,12 +57,21 @@ def pre_service(run: JobRun) -> PreparedJob:
     return prepared
 
 
-def _cancellation_check(client: SyncPrefectClient, flow_run_id: str) -> StopCheck:
+def _cancellation_check(client: SyncPrefectClient, flow_run_id: str, logger: RunLogger) -> StopCheck:
     """True once the flow run is Cancelling. Prefect's runner normally delivers a cancellation as
-    SIGTERM first; this check also honours it when the runner's event stream is unavailable."""
+    SIGTERM first; this check also honours it when the runner's event stream is unavailable.
+
+    An API that does not answer is no cancellation: the callback runs on, its outcome goes to the platform
+    record (which needs no Prefect), and the run's state catches up once the API answers again.
+    """
 
     def cancelling() -> bool:
-        state = client.read_flow_run(flow_run_id).state
+        try:
+            state = client.read_flow_run(flow_run_id).state
+        except (httpx.HTTPError, OSError) as error:
+            logger.warning("the Prefect API did not answer the cancellation check (%s); the callback runs on",
+                           type(error).__name__)
+            return False
         return state is not None and state.is_cancelling()
 
     return cancelling
@@ -71,7 +81,8 @@ def _cancellation_check(client: SyncPrefectClient, flow_run_id: str) -> StopChec
 def execute(run: JobRun, prepared: PreparedJob) -> Any:
     """Run the job's callback in a child process of its environment, streaming its output."""
     with get_client(sync_client=True) as client:
-        return run.execute(prepared, line_logger(get_run_logger()), _cancellation_check(client, run.flow_run_id))
+        logger = get_run_logger()
+        return run.execute(prepared, line_logger(logger), _cancellation_check(client, run.flow_run_id, logger))
 
 
 @task(name="post-service", **_task_options, **_infrastructure_retries)
@@ -126,9 +137,13 @@ def job_flow(job_id: str, database_block: str = DEFAULT_BLOCK) -> Any:
         with TagsContext(current_tags=set()):
             return _run_job(run)
     except DatabaseUnavailable as outage:
-        run.remove_workspace()
         get_run_logger().error("%s: %s; its outcome is recorded once the database answers again", run.label, outage)
         return Crashed(message=f"{run.label}: the outcome could not be recorded: {outage}")
+    except ClaimLost as lost:
+        get_run_logger().warning("%s: %s", run.label, lost)
+        return Cancelled(name=ClaimLost.state_name, message=f"{run.label}: {lost}")
+    finally:
+        run.remove_workspace()
 
 
 def _run_job(run: JobRun) -> Any:
@@ -154,7 +169,6 @@ def _run_job(run: JobRun) -> Any:
                 get_run_logger().warning("attempt %d of %d failed (%s); retrying",
                                          failed_attempts, prepared.allowed_attempts, failure)
     except AlreadyClaimed as duplicate:
-        run.remove_workspace()
         get_run_logger().warning("%s: %s", run.label, duplicate)
         return Cancelled(name=AlreadyClaimed.state_name, message=f"{run.label}: {duplicate}")
     except DatabaseUnavailable:

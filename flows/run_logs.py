@@ -6,8 +6,11 @@ import logging
 
 from flows.runtime.process import LineHandler
 
+RunLogger = logging.Logger | logging.LoggerAdapter[logging.Logger]
+"""What `get_run_logger()` returns."""
 
-def line_logger(logger: logging.Logger | logging.LoggerAdapter[logging.Logger]) -> LineHandler:
+
+def line_logger(logger: RunLogger) -> LineHandler:
     """A line handler that logs stdout lines as INFO and stderr lines as WARNING."""
 
     def log_line(stream: str, line: str) -> None:

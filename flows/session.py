@@ -43,10 +43,10 @@ from prefect.states import Cancelled, Cancelling, Failed, State
 from blocks.database import DcmDatabase, resolved_once
 from flows.job import job_flow
 from flows.runtime.environments import Environment, environment_of_job
-from flows.runtime.errors import AlreadyClaimed, JobError
+from flows.runtime.errors import AlreadyClaimed, ClaimLost, JobError
 from flows.runtime.names import DEFAULT_BLOCK, SESSION_FLOW, JobParameters
 from flows.runtime.platform_records import PlatformRecords
-from flows.runtime.records import JobRecord
+from flows.runtime.records import POST_SERVICES_JOB, JobRecord
 from flows.runtime.session_plan import SessionPlan
 from flows.submit import job_run_name, job_tags, submit_job
 
@@ -186,6 +186,28 @@ class SessionJobs:
         self.threads.shutdown(wait=False, cancel_futures=True)
 
 
+class HeldElsewhere:
+    """Jobs whose child run found them held by another live run (the bridge raced a mongo-qas worker, a
+    resubmitted session met its docker jobs still running): the run ended `Duplicate`, and the session
+    waits for the holder's outcome in the records instead of taking the job for failed."""
+
+    def __init__(self, records: PlatformRecords) -> None:
+        self.records = records
+        self.jobs: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def add(self, job_id: str) -> None:
+        self.jobs.add(job_id)
+
+    def settled(self) -> list[JobRecord]:
+        """The records of the jobs whose holder has written their outcome; they are no longer watched."""
+        settled = [record for record in map(self.records.job, sorted(self.jobs)) if not record.in_progress]
+        self.jobs.difference_update(record.id for record in settled)
+        return settled
+
+
 def unfinished_job_runs(client: SyncPrefectClient, session_run_id: UUID) -> list[FlowRun]:
     """The child runs of a session run that have not ended (scheduled, pending or running)."""
     return client.read_flow_runs(flow_run_filter=FlowRunFilter(
@@ -291,34 +313,15 @@ def _run_session(
     logger.info("session %s: %d jobs, %d already done", session_id, len(plan.jobs), already_done)
     progress = SessionProgress(plan)
     with get_client(sync_client=True) as client:
-        router = QueueRouter(client, records)
-        in_flight = SessionJobs(client, database_block, max(1, max_parallel_jobs))
+        session = SessionRun(session_id, plan, records, client, database_block, max(1, max_parallel_jobs),
+                             jobs_in_session)
         try:
-            while True:
-                for job_id in plan.ready()[: max(1, max_parallel_jobs) - len(in_flight)]:
-                    job = plan.jobs[job_id]
-                    try:
-                        route = router.route(job)
-                        if route.in_session(jobs_in_session):
-                            in_flight.start_here(job)
-                        else:
-                            in_flight.start_on_pool_worker(job, route.queue, records)
-                    except JobError as error:
-                        _record_failure(plan, records, job_id, str(error))
-                        continue
-                    plan.started(job_id)
+            while session.start_ready():
                 progress.update()
-                if not len(in_flight):
-                    break
-                for job_id, ending in in_flight.wait_for_ended():
-                    if isinstance(ending, State) and ending.is_completed():
-                        plan.succeeded(job_id)
-                        continue
-                    reason = _state_summary(ending) if isinstance(ending, State) else ending
-                    _record_failure(plan, records, job_id, reason, _flow_run_of(ending))
+                session.settle_ended()
         except BaseException:
             with contextlib.suppress(Exception):
-                in_flight.cancel(runtime.flow_run.id)
+                session.in_flight.cancel(runtime.flow_run.id)
             raise
     progress.update(final=True)
     for job_id in plan.withheld_clean_up():
@@ -328,6 +331,63 @@ def _run_session(
         names = ", ".join(f"{plan.jobs[job_id].label} ({job_id})" for job_id in failed)
         return Failed(message=f"session {session_id}: failed jobs: {names}; skipped: {len(plan.skipped())}")
     return {"session_id": session_id, "jobs": len(plan.jobs)}
+
+
+class SessionRun:
+    """The loop of one session run: start what is ready, then settle what ended, until nothing is left."""
+
+    def __init__(self, session_id: str, plan: SessionPlan, records: PlatformRecords, client: SyncPrefectClient,
+                 database_block: str, max_parallel_jobs: int, jobs_in_session: bool) -> None:
+        self.session_id = session_id
+        self.plan = plan
+        self.records = records
+        self.router = QueueRouter(client, records)
+        self.in_flight = SessionJobs(client, database_block, max_parallel_jobs)
+        self.held_elsewhere = HeldElsewhere(records)
+        self.max_parallel_jobs = max_parallel_jobs
+        self.jobs_in_session = jobs_in_session
+
+    def start_ready(self) -> bool:
+        """Start the jobs that are ready, as many as the free slots allow; False once nothing is left to wait for.
+
+        The post-services job deletes the session's data, so it does not start while any other job of the
+        session is in progress anywhere (a job held by another run, a mongo-qas worker's).
+        """
+        clean_up_waits = False
+        for job_id in self.plan.ready()[: self.max_parallel_jobs - len(self.in_flight)]:
+            job = self.plan.jobs[job_id]
+            if job.function_name == POST_SERVICES_JOB and self.records.jobs_in_progress(self.session_id, job_id):
+                clean_up_waits = True
+                continue
+            try:
+                route = self.router.route(job)
+                if route.in_session(self.jobs_in_session):
+                    self.in_flight.start_here(job)
+                else:
+                    self.in_flight.start_on_pool_worker(job, route.queue, self.records)
+            except JobError as error:
+                _record_failure(self.plan, self.records, job_id, str(error))
+                continue
+            self.plan.started(job_id)
+        return bool(len(self.in_flight) or self.held_elsewhere or clean_up_waits)
+
+    def settle_ended(self) -> None:
+        """Wait up to a poll interval, then note every job that ended: succeeded, failed (its dependents are
+        skipped), or held by another run, whose outcome the session then waits for."""
+        for job_id, ending in self.in_flight.wait_for_ended():
+            if isinstance(ending, State) and ending.name in (AlreadyClaimed.state_name, ClaimLost.state_name):
+                self.held_elsewhere.add(job_id)
+            elif isinstance(ending, State) and ending.is_completed():
+                self.plan.succeeded(job_id)
+            else:
+                reason = _state_summary(ending) if isinstance(ending, State) else ending
+                _record_failure(self.plan, self.records, job_id, reason, _flow_run_of(ending))
+        for record in self.held_elsewhere.settled():
+            if record.done:
+                self.plan.succeeded(record.id)
+            else:
+                reason = f"the run that held it recorded: {record.error_message}"
+                _record_failure(self.plan, self.records, record.id, reason)
 
 
 def _flow_run_of(ending: State | str) -> UUID | None:

@@ -194,7 +194,7 @@ def parser() -> argparse.ArgumentParser:
     remove_parser.set_defaults(handler=remove)
 
     commands.add_parser(
-        "automations", help="create the crash-detection automations on the Prefect server (after `prefect deploy`)"
+        "automations", help="create the heartbeat automation that crashes silent runs at once (crash repair, fast)"
     ).set_defaults(handler=automations)
     commands.add_parser("demo", help="run the example components end to end on the local stack").set_defaults(
         handler=demo

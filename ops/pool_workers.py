@@ -18,6 +18,8 @@ The pools keep their types, `process` and `docker`, and the same job templates.
 from __future__ import annotations
 
 import contextlib
+import shlex
+import sys
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -34,7 +36,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventAnyResourceFilter, EventFilter, EventNameFilter
 from prefect.utilities.asyncutils import run_sync_in_worker_thread
-from prefect.workers.process import ProcessWorker
+from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration, DockerWorkerResult
 
 from flows.runtime.names import DOCKER_POOL_WORKER_TYPE, PROCESS_POOL_WORKER_TYPE
@@ -106,7 +108,7 @@ class WakesOnNewRuns(_Worker):
 
 
 class ProcessPoolWorker(WakesOnNewRuns, ProcessWorker):
-    """Prefect's process worker, woken by new runs."""
+    """Prefect's process worker, woken by new runs; a run's `python` is the worker's own interpreter."""
 
     _display_name = "Process (dcm-processor)"
 
@@ -114,6 +116,30 @@ class ProcessPoolWorker(WakesOnNewRuns, ProcessWorker):
     def __dispatch_key__(cls) -> str:
         """Registered apart from Prefect's process worker, whose key is its `type`, which this one keeps."""
         return PROCESS_POOL_WORKER_TYPE
+
+    async def run(
+        self,
+        flow_run: FlowRun,
+        configuration: ProcessJobConfiguration,
+        task_status: anyio.abc.TaskStatus[int] | None = None,
+    ) -> ProcessWorkerResult:
+        configuration.command = with_own_interpreter(configuration.command)
+        return await super().run(flow_run, configuration, task_status)
+
+
+def with_own_interpreter(command: str | None) -> str | None:
+    """The run's command with a leading `python` (or `python3`) replaced by this worker's interpreter.
+
+    The deployments start runs with `python -m ops.warm_engine`. Looked up on the worker's PATH, `python` is
+    whatever the PATH holds: a worker started as `.venv/bin/prefect worker start` without its environment
+    activated started the system's Python, which cannot import this project, and every run died at once.
+    """
+    if command is None:
+        return None
+    words = shlex.split(command)
+    if words[:1] in (["python"], ["python3"]):
+        words[0] = sys.executable
+    return shlex.join(words)
 
 
 class DockerPoolWorker(WakesOnNewRuns, DockerWorker):

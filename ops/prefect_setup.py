@@ -13,13 +13,12 @@ import sys
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from uuid import UUID
 
 from prefect.automations import Automation
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.objects import StateType
-from prefect.events.actions import ChangeFlowRunState, RunDeployment
+from prefect.events.actions import ChangeFlowRunState
 from prefect.events.schemas.automations import EventTrigger, Posture
 from prefect.events.schemas.events import ResourceSpecification
 from prefect.exceptions import ObjectNotFound
@@ -29,20 +28,16 @@ from blocks.host import WorkerHost
 from flows.runtime.names import (
     DEFAULT_BLOCK,
     DOCKER_POOL,
-    JOB_FLOW,
     PROCESS_POOL,
-    RECORD_CRASH_FLOW,
-    SESSION_FLOW,
     SESSION_QUEUE,
-    deployment,
 )
-from flows.runtime.variables import HEARTBEAT_SECONDS
+from flows.runtime.variables import MISSED_HEARTBEATS_SECONDS
 from ops.pool_workers import DockerPoolWorker, ProcessPoolWorker
 
 PREFECT_YAML = Path(__file__).with_name("prefect.yaml")
 """The deployments (the repository's top-level prefect.yaml, shipped inside the package)."""
-MISSED_HEARTBEATS_SECONDS = 2 * HEARTBEAT_SECONDS + 15
 FLOW_RUN_ENDED = ["Completed", "Failed", "Cancelled", "Crashed"]
+CRASH_AUTOMATION = "dcm: crash runs without heartbeat"
 DEFAULT_SESSIONS_AT_ONCE = 3
 
 
@@ -89,14 +84,13 @@ def limit_sessions_at_once(pool: str = PROCESS_POOL, limit: int = DEFAULT_SESSIO
         client.update_work_queue(queue_id, concurrency_limit=limit)
 
 
-def crash_automations(record_crash_deployment_id: UUID) -> list[Automation]:
-    """Prefect's recipe for zombie runs, and the repair of their records (flows/crash.py).
-
-    A run whose process and pool worker are gone sends no heartbeat: after MISSED_HEARTBEATS_SECONDS it is
-    set Crashed. Every crashed `dcm-job` or `dcm-session` run then gets a `dcm-record-crash` run.
-    """
-    crash_silent_runs = Automation(
-        name="dcm: crash runs without heartbeat",
+def crash_automation() -> Automation:
+    """Prefect's recipe for zombie runs, the fast path of crash repair: a run whose process and pool worker are
+    gone sends no heartbeat, and after MISSED_HEARTBEATS_SECONDS it is set Crashed; its Crashed event then
+    starts `dcm-record-crash` (a trigger of that deployment, prefect.yaml). Without it `dcm-reconcile` finds
+    such runs within a minute more."""
+    return Automation(
+        name=CRASH_AUTOMATION,
         description="A flow run whose heartbeats stop (its process and its worker are gone) is set Crashed.",
         trigger=EventTrigger(
             after={"prefect.flow-run.heartbeat"},
@@ -112,50 +106,16 @@ def crash_automations(record_crash_deployment_id: UUID) -> list[Automation]:
             message=f"no heartbeat for {MISSED_HEARTBEATS_SECONDS} s: the run's process and its worker are gone",
         )],
     )
-    record_crashed_jobs = Automation(
-        name="dcm: record crashed jobs",
-        description=(
-            "Each crashed dcm-job run gets its failure written onto its job record by dcm-record-crash; "
-            "a crashed dcm-session run gets the job runs that ran in its process crashed."
-        ),
-        trigger=EventTrigger(
-            expect={"prefect.flow-run.Crashed"},
-            match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
-            match_related=ResourceSpecification({
-                "prefect.resource.role": "flow", "prefect.resource.name": [JOB_FLOW, SESSION_FLOW],
-            }),
-            posture=Posture.Reactive,
-            threshold=1,
-            within=timedelta(0),
-        ),
-        actions=[RunDeployment(
-            source="selected",
-            deployment_id=record_crash_deployment_id,
-            parameters={"flow_run_id": "{{ event.resource.id }}"},
-        )],
-    )
-    return [crash_silent_runs, record_crashed_jobs]
 
 
 def ensure_crash_automations() -> list[str]:
-    """Create the automations, replacing earlier versions of the same name; return their names.
-
-    Needs the `dcm-record-crash/process` deployment (`prefect deploy --all`, or `deploy()`).
-    """
+    """Create the crash automation, replacing an earlier version of the same name; return its name."""
+    automation = crash_automation()
     with get_client(sync_client=True) as prefect:
-        try:
-            record_crash = prefect.read_deployment_by_name(deployment(RECORD_CRASH_FLOW))
-        except ObjectNotFound as missing:
-            raise SetupError(
-                f"deployment {deployment(RECORD_CRASH_FLOW)} is missing: run `prefect deploy --all`"
-            ) from missing
-        names = []
-        for automation in crash_automations(record_crash.id):
-            for existing in prefect.read_automations_by_name(automation.name):
-                prefect.delete_automation(existing.id)
-            automation.create()
-            names.append(automation.name)
-        return names
+        for existing in prefect.read_automations_by_name(automation.name):
+            prefect.delete_automation(existing.id)
+    automation.create()
+    return [automation.name]
 
 
 def set_up(database: DcmDatabase, environment: Mapping[str, str], folder: Path) -> None:

@@ -114,6 +114,14 @@ class StackState:
     api_url: str
     ui_url: str
     processes: dict[str, int] = field(default_factory=dict)
+    started: dict[str, int] = field(default_factory=dict)
+    """Each process's start time (clock ticks since boot): a pid alone may name anyone's process after a
+    reboot, so the stack signals only a process whose start time is still the recorded one."""
+
+    def is_ours(self, name: str) -> bool:
+        """Whether the process recorded as `name` is still the one the stack started (and has not ended)."""
+        pid = self.processes.get(name)
+        return pid is not None and process_alive(pid) and _start_time(pid) == self.started.get(name)
 
     def environment(self) -> dict[str, str]:
         """Variables that point Prefect clients and flows at this stack."""
@@ -143,14 +151,24 @@ class LocalStack:
         state = self.state()
         return state is not None and _http_ok(f"{state.api_url}/health")
 
-    def _spawn(self, name: str, command: list[str], environment: dict[str, str]) -> int:
+    def _spawn(self, state: StackState, name: str, command: list[str], environment: dict[str, str]) -> None:
+        """Start a service in a session of its own, and record its pid and start time."""
         self.logs.mkdir(parents=True, exist_ok=True)
         with open(self.logs / f"{name}.log", "ab") as log:
             process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**os.environ, **environment}, start_new_session=True, cwd=self.home,
             )
-        return process.pid
+        state.processes[name] = process.pid
+        state.started[name] = _start_time(process.pid) or 0
+        self._save(state)
+
+    def _end(self, state: StackState, name: str) -> None:
+        """Stop the service `name` if it is still the process the stack started; forget it either way."""
+        if state.is_ours(name):
+            _terminate(state.processes[name])
+        state.processes.pop(name, None)
+        state.started.pop(name, None)
 
     def _prefect_environment(self, api_url: str | None = None) -> dict[str, str]:
         environment = {
@@ -192,18 +210,17 @@ class LocalStack:
 
     def _spawn_database(self, state: StackState) -> None:
         (self.home / "database").mkdir(parents=True, exist_ok=True)
-        state.processes["database"] = self._spawn("database", [
+        self._spawn(state, "database", [
             _executable("secantusd-py"), "--host", "127.0.0.1", "--port", str(self._database_port(state)),
             "--storage-path", str(self.home / "database"),
         ], {})
-        self._save(state)
 
     def _wait_for_database(self, state: StackState) -> None:
         _wait("SecantusDB", lambda: _port_open(self._database_port(state)), self.logs / "database.log")
 
     def stop_database(self, state: StackState) -> None:
         """Stop the platform database (its data stays), as an outage or a maintenance window would."""
-        _terminate(state.processes["database"])
+        self._end(state, "database")
         _wait("SecantusDB to stop", lambda: not _port_open(self._database_port(state)), self.logs / "database.log")
 
     def start_database(self, state: StackState) -> None:
@@ -214,28 +231,35 @@ class LocalStack:
     def stop_warm_engine(self, state: StackState) -> None:
         """Stop the warm engine, and the runs it forked: process-pool runs then start a fresh engine
         process until `start_workers` starts it again."""
-        _terminate(state.processes["warm-engine"])
+        self._end(state, "warm-engine")
 
     def _spawn_server(self, state: StackState) -> None:
         port = str(urlsplit(state.api_url).port)
-        state.processes["prefect-server"] = self._spawn("prefect-server", [
+        self._spawn(state, "prefect-server", [
             sys.executable, "-m", "ops.prefect_server", "--host", "127.0.0.1", "--port", port,
         ], {**self._prefect_environment(), "PREFECT_UI_API_URL": state.api_url})
-        self._save(state)
 
     def _wait_for_server(self, state: StackState) -> None:
         _wait("Prefect server", lambda: _http_ok(f"{state.api_url}/health"), self.logs / "prefect-server.log")
 
     def restart_server(self, state: StackState) -> None:
         """Stop the Prefect server and start it again on the same port and database, as an upgrade would."""
-        _terminate(state.processes["prefect-server"])
+        self.stop_server(state)
+        self.start_server(state)
+
+    def stop_server(self, state: StackState) -> None:
+        """Stop the Prefect server (its database stays), as an outage would."""
+        self._end(state, "prefect-server")
+
+    def start_server(self, state: StackState) -> None:
+        """Start the Prefect server again, on the same port and database."""
         self._spawn_server(state)
         self._wait_for_server(state)
 
     def replace_process_worker(self, state: StackState, worker_type: str = PROCESS_POOL_WORKER_TYPE) -> None:
         """Replace the process worker by one of `worker_type` (`process` is Prefect's own, which the bench
         compares with this project's); return once it has started."""
-        _terminate(state.processes.pop("process-worker"))
+        self._end(state, "process-worker")
         log = self.logs / "process-worker.log"
         starts = log.read_text().count(WORKER_STARTED)
         self.start_workers(state, worker_type)
@@ -262,8 +286,8 @@ class LocalStack:
         if docker_engine_answers():
             commands["docker-worker"] = [*worker, DOCKER_POOL, "--type", DOCKER_POOL_WORKER_TYPE]
         for name, command in commands.items():
-            if not (name in state.processes and process_alive(state.processes[name])):
-                state.processes[name] = self._spawn(name, command, worker_environment)
+            if not state.is_ours(name):
+                self._spawn(state, name, command, worker_environment)
         self._save(state)
         _wait("the warm engine", lambda: _socket_answers(self.warm_engine_socket), self.logs / "warm-engine.log")
 
@@ -294,7 +318,7 @@ class LocalStack:
         if state is None:
             return
         for name in reversed(list(state.processes)):
-            _terminate(state.processes[name])
+            self._end(state, name)
         self.state_file.unlink(missing_ok=True)
 
 
@@ -320,6 +344,15 @@ def process_alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
+
+
+def _start_time(pid: int) -> int | None:
+    """When `pid` started, in clock ticks since boot (field 22 of /proc/<pid>/stat); None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[19])
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return None
 
 
 def _reap(pid: int) -> None:

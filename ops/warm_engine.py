@@ -58,7 +58,7 @@ SOCKET_VARIABLE = "DCM_FLOWS_WARM_ENGINE"
 PRELOADED_MODULES = (
     "prefect.engine", "prefect.flow_engine", "prefect.task_engine", "prefect.runner", "prefect.deployments.steps",
     "prefect.utilities.visualization", "prefect._internal.observers", "anyio._backends._asyncio", "rich._emoji_codes",
-    "flows.job", "flows.session", "flows.bridge", "flows.install",
+    "flows.job", "flows.session", "flows.bridge", "flows.install", "flows.crash", "flows.reconcile",
 )
 """Imported once by the warm engine: the flows of the process pool's deployments, and what else a run of
 them imported when it started in a fresh engine process."""

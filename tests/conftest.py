@@ -102,6 +102,27 @@ def separate_database(database: DcmDatabase, prefix: str) -> Iterator[tuple[str,
         own.open().db.get_db().client.drop_database(name)
 
 
+@contextmanager
+def database_away(local_stack: LocalStack, stack: StackState) -> Iterator[None]:
+    """The platform database stopped for the block, and started again however the block ends (the tests
+    after it need it)."""
+    local_stack.stop_database(stack)
+    try:
+        yield
+    finally:
+        local_stack.start_database(stack)
+
+
+@contextmanager
+def prefect_away(local_stack: LocalStack, stack: StackState) -> Iterator[None]:
+    """The Prefect server stopped for the block, and started again however the block ends."""
+    local_stack.stop_server(stack)
+    try:
+        yield
+    finally:
+        local_stack.start_server(stack)
+
+
 def read_logs(flow_run_id: UUID) -> list[Log]:
     with get_client(sync_client=True) as client:
         return client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))

@@ -14,8 +14,7 @@ import stat
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +24,18 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.states import Cancelling, Scheduled
 
 from bench.load import run_load
+from flows.runtime.variables import MISSED_HEARTBEATS_SECONDS
 from flows.submit import submit_job, submit_session
-from ops.prefect_setup import MISSED_HEARTBEATS_SECONDS
 from ops.stack import LocalStack, StackState, process_alive
-from tests.conftest import SleeperRun, eventually, finished, read_flow_run, running_callback, separate_database
+from tests.conftest import (
+    SleeperRun,
+    database_away,
+    eventually,
+    finished,
+    read_flow_run,
+    running_callback,
+    separate_database,
+)
 from tests.platform import Platform, job_folder_of, parent_of, zip_files
 
 pytestmark = pytest.mark.integration
@@ -343,17 +350,6 @@ def test_cancelling_a_session_cancels_the_job_running_in_its_process_and_kills_t
     eventually(lambda: not process_alive(callback), timeout=30)
     record = eventually(lambda: (job := platform.job(job_id))["error"] and job, timeout=30)
     assert "cancelled" in record["errorMessage"] and record["inProgress"] is False
-
-
-@contextmanager
-def database_away(local_stack: LocalStack, stack: StackState) -> Iterator[None]:
-    """The platform database stopped for the block, and started again however the block ends (the tests
-    after it need it)."""
-    local_stack.stop_database(stack)
-    try:
-        yield
-    finally:
-        local_stack.start_database(stack)
 
 
 def test_a_database_outage_while_a_job_starts_and_while_it_finishes_is_ridden_out(

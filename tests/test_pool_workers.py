@@ -1,4 +1,5 @@
-"""The pools' workers (ops/pool_workers.py) start a new run at once, not at their next poll."""
+"""The pool workers (ops/pool_workers.py) start a new run at once, not at their next poll, and with their own
+Python, whatever PATH holds."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,16 +22,18 @@ from flows.runtime.names import PROCESS_POOL_WORKER_TYPE
 from ops.pool_workers import ProcessPoolWorker
 from ops.stack import STOP_TIMEOUT_SECONDS, WORKER_STARTED, LocalStack, StackState
 from tests.conftest import eventually, finished, read_flow_run
+from tests.platform import Platform
 
 POLL_SECONDS = 300
 SUBSCRIBED_SECONDS = 3
 
 
-@pytest.fixture
-def slow_polling_pool(local_stack: LocalStack, stack: StackState, tmp_path: Path) -> Iterator[str]:
+@contextmanager
+def pool_with_worker(local_stack: LocalStack, stack: StackState, log: Path, **environment: str) -> Iterator[str]:
     """A process pool of its own with the `dcm-job` flow deployed on it, and one of this project's process
-    workers polling it every 5 minutes; yields the deployment's name."""
-    pool = f"wake-{uuid.uuid4().hex[:8]}"
+    workers polling it, started with the stack's worker environment changed by `environment`; yields the
+    deployment's name."""
+    pool = f"pool-{uuid.uuid4().hex[:8]}"
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(
             name=pool, type=ProcessPoolWorker.type,
@@ -40,13 +44,11 @@ def slow_polling_pool(local_stack: LocalStack, stack: StackState, tmp_path: Path
             flow_id=job.flow_id, name=pool, work_pool_name=pool, entrypoint=job.entrypoint,
             job_variables=job.job_variables, parameter_openapi_schema=job.parameter_openapi_schema,
         )
-    log = tmp_path / "worker.log"
     with log.open("w") as output:
         worker = subprocess.Popen(
             [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool,
              "--type", PROCESS_POOL_WORKER_TYPE],
-            env={**os.environ, **local_stack.worker_environment(stack),
-                 "PREFECT_WORKER_QUERY_SECONDS": str(POLL_SECONDS)},
+            env={**os.environ, **local_stack.worker_environment(stack), **environment},
             stdout=output, stderr=subprocess.STDOUT,
         )
     try:
@@ -58,6 +60,22 @@ def slow_polling_pool(local_stack: LocalStack, stack: StackState, tmp_path: Path
         with get_client(sync_client=True) as client:
             client.delete_deployment(deployment)
             client.delete_work_pool(pool)
+
+
+@pytest.fixture
+def slow_polling_pool(local_stack: LocalStack, stack: StackState, tmp_path: Path) -> Iterator[str]:
+    """A pool whose worker polls every 5 minutes."""
+    with pool_with_worker(local_stack, stack, tmp_path / "worker.log",
+                          PREFECT_WORKER_QUERY_SECONDS=str(POLL_SECONDS)) as deployment:
+        yield deployment
+
+
+@pytest.fixture
+def bare_path_pool(local_stack: LocalStack, stack: StackState, tmp_path: Path) -> Iterator[str]:
+    """A pool whose worker was started as `.venv/bin/prefect worker start`, its environment not activated:
+    the system's folders alone on PATH."""
+    with pool_with_worker(local_stack, stack, tmp_path / "worker.log", PATH="/usr/sbin:/usr/bin:/sbin:/bin") as name:
+        yield name
 
 
 def _stop(worker: subprocess.Popen[bytes]) -> None:
@@ -81,3 +99,16 @@ def test_a_process_worker_starts_a_new_run_long_before_its_next_poll(slow_pollin
     final = finished(flow_run.id)
 
     assert final.state.is_failed() and "no job with id 0123456789abcdef01234567" in final.state.message
+
+
+def test_a_process_worker_without_its_environment_on_path_runs_jobs_with_its_own_python(
+    bare_path_pool: str, platform: Platform
+) -> None:
+    service = platform.service(f"bare-{uuid.uuid4().hex[:8]}", "def run(**kwargs):\n    return 3\n")
+    job_id = platform.service_job(service)
+
+    flow_run = run_deployment(bare_path_pool, parameters={"job_id": job_id}, timeout=0)
+
+    final = finished(flow_run.id)
+    assert final.state.is_completed(), final.state.message
+    assert platform.job(job_id)["result"] == 3

@@ -56,5 +56,12 @@ class RunCancelled(JobError):
     """The flow run was cancelled while the callback ran; the callback's process tree was killed."""
 
 
+class ClaimLost(Exception):
+    """The run no longer holds its job (crash repair failed it, another run claimed it): its outcome was not
+    written. Such a run ends Cancelled with the state name `Superseded`: the job's record follows its holder."""
+
+    state_name = "Superseded"
+
+
 class DatabaseUnavailable(Exception):
     """The platform database did not answer; an infrastructure failure that is worth retrying."""

@@ -4,7 +4,11 @@
 argument: what one step learned (the records, the environment, the private folder, the callback's
 variables) reaches the next without passing patient data through Prefect. `finish` is safe to call in
 every state, also without a prepared job (its preparation failed or was interrupted): it writes whatever
-outcome applies and always removes the run's temporary folder.
+outcome applies and removes the run's temporary folder once the outcome is settled.
+
+Prefect retries the pre- and post-service steps when the platform database does not answer. The private
+folder belongs to the run, not to one attempt of a step (a retry uses the same one), and a worker script
+that ran is not run again by a retry.
 """
 
 from __future__ import annotations
@@ -12,14 +16,14 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flows.runtime.archive import extract_archive
 from flows.runtime.callback import Callback
 from flows.runtime.environments import Environment, JobFolders, environment_of_job
-from flows.runtime.errors import InvalidRecord, JobError, JobNotRunnable, RunCancelled
+from flows.runtime.errors import ClaimLost, InvalidRecord, JobError, JobNotRunnable, RunCancelled
 from flows.runtime.platform_records import PlatformRecords
 from flows.runtime.process import LineHandler, StopCheck
 from flows.runtime.records import POST_SERVICES_JOB, PRE_SERVICES_JOB, JobRecord
@@ -29,16 +33,24 @@ SERVICE_MODULE = "service_module"
 SESSION_HOOKS = {PRE_SERVICES_JOB: "run_pre_services", POST_SERVICES_JOB: "run_post_services"}
 
 
-@dataclass(frozen=True)
 class PreparedJob:
-    """A claimed job, ready for its callback: its record, environment, private folder and variables."""
+    """A claimed job, ready for its callback: its record, environment, private folder and variables.
 
-    job: JobRecord
-    environment: Environment
-    workspace: Path
-    folders: JobFolders
-    variables: dict[str, str] = field(repr=False)
-    """The callback's environment variables (they hold the database URL: never log them)."""
+    A plain class, not a dataclass: Prefect walks the fields of a dataclass task argument, deeply, looking
+    for futures to resolve, and this one carries the job's kwargs (its headers) and the callback's
+    variables, for each task that takes it.
+    """
+
+    __slots__ = ("environment", "folders", "job", "variables", "workspace")
+
+    def __init__(self, job: JobRecord, environment: Environment, workspace: Path, folders: JobFolders,
+                 variables: dict[str, str]) -> None:
+        self.job = job
+        self.environment = environment
+        self.workspace = workspace
+        self.folders = folders
+        self.variables = variables
+        """The callback's environment variables (they hold the database URL: never log them)."""
 
     @property
     def allowed_attempts(self) -> int:
@@ -61,8 +73,9 @@ class Outcome:
 class JobRun:
     """The steps of one `dcm-job` flow run against one platform database.
 
-    It remembers only what outlives a step: whether the job was claimed (so that its outcome is written)
-    and the temporary folder it made (so that it is removed however the run ends).
+    It remembers only what outlives a step or one attempt of it: whether the job was claimed (so that its
+    outcome is written), the temporary folder it made (so that it is removed however the run ends), the
+    worker scripts that ran, and the outcome the post-scripts left (so that a retry only writes it).
     """
 
     def __init__(self, records: PlatformRecords, job_id: str, flow_run_id: str) -> None:
@@ -74,6 +87,8 @@ class JobRun:
         self.claimed = False
         self.workspace: Path | None = None
         self._calls = 0
+        self._scripts_run: set[tuple[str, str]] = set()
+        self._settled: tuple[BaseException | None] | None = None
 
     def _claim(self) -> None:
         self.records.claim(self.job_id, self.flow_run_id)
@@ -98,7 +113,9 @@ class JobRun:
         service = self.records.service(job.service_id or "") if job.is_service_job else None
         environment = environment_of_job(job, self.records)
         environment.check()
-        self.workspace = workspace = Path(tempfile.mkdtemp(prefix=f"dcm-job-{job.id}-"))
+        if self.workspace is None:
+            self.workspace = Path(tempfile.mkdtemp(prefix=f"dcm-job-{job.id}-"))
+        workspace = self.workspace
         folders = environment.folders(workspace)
         folders.session.mkdir(mode=0o700, parents=True, exist_ok=True)
         if service is not None:
@@ -110,7 +127,7 @@ class JobRun:
                             folders.data)
         variables = callback_variables(service_variables(job, self.records.database), environment.extra_variables())
         prepared = PreparedJob(job, environment, workspace, folders, variables)
-        self._run_scripts(prepared, environment.settings.pre_scripts, on_line)
+        self._run_scripts(prepared, "pre", environment.settings.pre_scripts, on_line)
         return prepared
 
     def _call(self, prepared: PreparedJob, callback: Callback, on_line: LineHandler,
@@ -119,14 +136,17 @@ class JobRun:
         folder = prepared.workspace / "calls" / f"{self._calls:02d}-{callback.function}"
         return prepared.environment.run(callback, folder, prepared.variables, timeout_seconds, on_line, should_stop)
 
-    def _run_scripts(self, prepared: PreparedJob, names: list[str], on_line: LineHandler) -> None:
-        """Run each worker script's `callback(**kwargs, session_dir=...)`, as the platform's docker worker did."""
+    def _run_scripts(self, prepared: PreparedJob, step: str, names: list[str], on_line: LineHandler) -> None:
+        """Run each worker script's `callback(**kwargs, session_dir=...)`, as the platform's docker worker did;
+        one that ran in an earlier attempt of the step is not run again."""
         worker = prepared.environment.worker
         if not names or worker is None:
             return
         scripts = prepared.workspace / "worker_scripts"
         scripts.mkdir(exist_ok=True)
         for name in names:
+            if (step, name) in self._scripts_run:
+                continue
             module = Path(name).stem
             if Path(name).name != name or not module.isidentifier() or name not in worker.worker_files:
                 raise InvalidRecord(f"worker '{worker.name}': script '{name}' is not an uploaded Python file")
@@ -134,6 +154,7 @@ class JobRun:
             (scripts / f"{module}.py").write_bytes(content)
             kwargs = {**prepared.job.kwargs, "session_dir": str(prepared.folders.session)}
             self._call(prepared, self._callback(prepared, module, "callback", kwargs, [str(scripts)]), on_line)
+            self._scripts_run.add((step, name))
 
     def _callback(self, prepared: PreparedJob, module: str, function: str, kwargs: dict[str, Any],
                   search_path: list[str]) -> Callback:
@@ -157,29 +178,37 @@ class JobRun:
 
     def finish(self, prepared: PreparedJob | None, on_line: LineHandler, failed_attempts: int,
                result: Any = None, error: BaseException | None = None) -> Outcome:
-        """Post-service: run post-scripts, write the outcome to the record, remove the temporary folder."""
-        try:
+        """Post-service: run post-scripts, write the outcome to the record, remove the temporary folder.
+
+        The outcome is written only while this run holds the job (ClaimLost otherwise). When the database does
+        not answer, the folder stays for the retry, which writes the outcome the post-scripts left.
+        """
+        if self._settled is None:
             if error is None and prepared is not None:
                 try:
-                    self._run_scripts(prepared, prepared.environment.settings.post_scripts, on_line)
+                    self._run_scripts(prepared, "post", prepared.environment.settings.post_scripts, on_line)
                 except JobError as script_error:
                     error = script_error
-            message = "succeeded" if error is None else describe_failure(error)
-            if self.claimed:
-                if error is None:
-                    self.records.mark_succeeded(self.job_id, result)
-                else:
-                    self.records.mark_failed(self.job_id, message, max(1, failed_attempts))
-            return Outcome(
-                succeeded=error is None,
-                cancelled=isinstance(error, RunCancelled),
-                message=message,
-                duration_seconds=time.monotonic() - self.started,
-                attempts=failed_attempts + (1 if error is None else 0),
-                environment=prepared.environment.describe() if prepared is not None else "not prepared",
-            )
-        finally:
+            self._settled = (error,)
+        (error,) = self._settled
+        message = "succeeded" if error is None else describe_failure(error)
+        try:
+            if self.claimed and error is None:
+                self.records.mark_succeeded(self.job_id, self.flow_run_id, result)
+            elif self.claimed:
+                self.records.mark_failed(self.job_id, self.flow_run_id, message, max(1, failed_attempts))
+        except ClaimLost:
             self.remove_workspace()
+            raise
+        self.remove_workspace()
+        return Outcome(
+            succeeded=error is None,
+            cancelled=isinstance(error, RunCancelled),
+            message=message,
+            duration_seconds=time.monotonic() - self.started,
+            attempts=failed_attempts + (1 if error is None else 0),
+            environment=prepared.environment.describe() if prepared is not None else "not prepared",
+        )
 
     def remove_workspace(self) -> None:
         if self.workspace is not None:

@@ -33,6 +33,7 @@ INSTALL_FLOW = "dcm-install-component"
 REMOVE_FLOW = "dcm-remove-component"
 BRIDGE_FLOW = "dcm-bridge"
 RECORD_CRASH_FLOW = "dcm-record-crash"
+RECONCILE_FLOW = "dcm-reconcile"
 
 PROCESS_DEPLOYMENT = "process"
 DOCKER_DEPLOYMENT = "docker"

@@ -17,7 +17,7 @@ from dcm_processor_db_provider import DBManager
 from gridfs.errors import NoFile
 from pymongo.errors import ConnectionFailure
 
-from flows.runtime.errors import AlreadyClaimed, DatabaseUnavailable, InvalidRecord, JobNotFound
+from flows.runtime.errors import AlreadyClaimed, ClaimLost, DatabaseUnavailable, InvalidRecord, JobNotFound
 from flows.runtime.records import POST_SERVICES_JOB, JobRecord, ServiceRecord, WorkerRecord
 
 JOBS = "jobs"
@@ -166,17 +166,36 @@ class PlatformRecords:
         raise AlreadyClaimed(f"session {session_id} is already being run by flow run {holder}")
 
     @database_call
-    def mark_succeeded(self, job_id: str, result: Any) -> None:
-        """Completion exactly as mongo-qas writes it (plus `error: False` after an earlier failure)."""
-        self.database.db.update(JOBS, job_id, {"$set": {
+    def mark_succeeded(self, job_id: str, flow_run_id: str, result: Any) -> None:
+        """Completion exactly as mongo-qas writes it (plus `error: False` after an earlier failure), written only
+        while `flow_run_id` holds the job (ClaimLost otherwise)."""
+        self._write_as_holder(job_id, flow_run_id, {"$set": {
             "done": True, "inProgress": False, "error": False, "result": result,
             "completedAt": _now(), "progress": 100,
         }})
 
     @database_call
-    def mark_failed(self, job_id: str, message: str, failed_attempts: int = 1) -> None:
-        """Failure exactly as mongo-qas writes it: one `attempts` increment per failed attempt."""
-        self.database.db.update(JOBS, job_id, _failure(message, failed_attempts))
+    def mark_failed(self, job_id: str, flow_run_id: str, message: str, failed_attempts: int = 1) -> None:
+        """Failure exactly as mongo-qas writes it: one `attempts` increment per failed attempt; written only
+        while `flow_run_id` holds the job (ClaimLost otherwise)."""
+        self._write_as_holder(job_id, flow_run_id, _failure(message, failed_attempts))
+
+    def _write_as_holder(self, job_id: str, flow_run_id: str, update: dict[str, Any]) -> None:
+        """Apply an outcome only if the record is still in progress for `flow_run_id`, the run's fencing token:
+        a run that was taken for dead (its job failed by crash repair, then claimed by another run) must not
+        overwrite the outcome of the run that holds the job now."""
+        written = self.database.db.find_one_and_update(JOBS, update, {"query": {
+            "_id": self.database.make_oid(job_id), "inProgress": True, "flowRunId": flow_run_id,
+        }})
+        if written is not None:
+            return
+        current = self.database.db.get(JOBS, job_id) or {}
+        holder = current.get("flowRunId") if current.get("inProgress") else None
+        raise ClaimLost(
+            f"job {job_id} is no longer held by flow run {flow_run_id} "
+            + (f"but by flow run {holder}" if holder else "(crash repair recorded it)")
+            + "; this run's outcome was not written"
+        )
 
     def _of_session(self, session_id: str) -> dict[str, Any]:
         """The jobs of a session, whose `sessionId` the platform stores as ObjectId or as its hex string."""
@@ -190,6 +209,30 @@ class PlatformRecords:
             {"query": self._of_session(session_id), "sort": [("createdAt", 1)]},
         )
         return [JobRecord.from_document(document) for document in documents]
+
+    @database_call
+    def jobs_in_progress(self, session_id: str, besides: str) -> list[str]:
+        """The ids of the session's jobs in progress in any run (this runtime's or a mongo-qas worker's), but one."""
+        documents = self.database.db.find(JOBS, {"query": {
+            **self._of_session(session_id), "inProgress": True, "_id": {"$ne": self.database.make_oid(besides)},
+        }, "select": ["_id"]})
+        return [str(document["_id"]) for document in documents]
+
+    @database_call
+    def jobs_held_by_runs(self) -> list[tuple[str, str, str | None]]:
+        """(job id, id of the flow run holding it, session id) of every job in progress in a run of this runtime
+        (jobs a mongo-qas worker holds have no flow run and are left to it)."""
+        documents = self.database.db.find(JOBS, {"query": {"inProgress": True, "flowRunId": {"$exists": True}},
+                                                 "select": ["_id", "flowRunId", "sessionId"]})
+        return [(str(document["_id"]), str(document["flowRunId"]),
+                 str(document["sessionId"]) if document.get("sessionId") else None) for document in documents]
+
+    @database_call
+    def session_holder(self, session_id: str) -> str | None:
+        """The id of the flow run that holds the session (see claim_session), if any."""
+        anchor = self.database.db.find_one(JOBS, {"query": self._of_session(session_id),
+                                                  "select": [SESSION_HOLDER], "sort": [("_id", 1)]})
+        return str(anchor[SESSION_HOLDER]) if anchor and anchor.get(SESSION_HOLDER) else None
 
     @database_call
     def latest_session_of_patient(self, patient_id: Any) -> str | None:
@@ -252,18 +295,24 @@ class PlatformRecords:
 
     @database_call
     def mark_failed_unless_recorded(self, job_id: str, flow_run_id: str, reason: str) -> None:
-        """Record a failure the job's own run could not write (its run crashed or never started);
-        a job in progress in another run is left alone."""
+        """Record a failure the job's own run could not write: the run crashed while it held the job (whatever
+        an earlier attempt recorded), or it never claimed the job and nothing is recorded yet. A job done, or
+        in progress in another run, is left alone."""
         self.database.db.find_one_and_update(
             JOBS, _failure(reason),
-            {"query": {"_id": self.database.make_oid(job_id), "done": {"$ne": True}, "error": {"$ne": True},
-                       "$or": [{"inProgress": {"$ne": True}}, {"flowRunId": flow_run_id}]}},
+            {"query": {"_id": self.database.make_oid(job_id), "done": {"$ne": True}, "$or": [
+                {"inProgress": True, "flowRunId": flow_run_id},
+                {"inProgress": {"$ne": True}, "error": {"$ne": True}},
+            ]}},
         )
 
     @database_call
     def mark_skipped(self, job_id: str, reason: str) -> None:
-        """A job that did not run because a dependency failed: an error without a spent attempt."""
-        self.database.db.update(JOBS, job_id, _failure(reason, failed_attempts=0))
+        """A job that did not run because a dependency failed: an error without a spent attempt. A job that
+        is in progress (in a run elsewhere) or done is left alone."""
+        self.database.db.find_one_and_update(JOBS, _failure(reason, failed_attempts=0), {"query": {
+            "_id": self.database.make_oid(job_id), "done": {"$ne": True}, "inProgress": {"$ne": True},
+        }})
 
     @database_call
     def sessions_ready_for_bridge(self) -> list[str]:
@@ -282,14 +331,14 @@ class PlatformRecords:
         """Move the session's queued jobs from the mongo-qas consumer to `consumer`, job by job and
         atomically, so a mongo-qas worker can no longer claim them; return the ids taken over."""
         taken = []
-        for job in self.session_jobs(session_id):
+        for document in self.database.db.find(JOBS, {"query": self._of_session(session_id), "select": ["_id"]}):
             claimed = self.database.db.find_one_and_update(
                 JOBS, {"$set": {"consumer_id": consumer}},
-                {"query": {"_id": self.database.make_oid(job.id), "consumer_id": PLATFORM_CONSUMER,
+                {"query": {"_id": document["_id"], "consumer_id": PLATFORM_CONSUMER,
                            "inProgress": {"$ne": True}, "done": {"$ne": True}}},
             )
             if claimed is not None:
-                taken.append(job.id)
+                taken.append(str(document["_id"]))
         return taken
 
     @database_call

@@ -19,6 +19,8 @@ from flows.runtime.records import JobRecord
 SERVICE_PREFIX = "DCM-PROCESSOR-SERVICE-"
 WITHHELD_PREFIXES = ("PREFECT_", "DCM_DB_")
 HEARTBEAT_SECONDS = 30
+MISSED_HEARTBEATS_SECONDS = 2 * HEARTBEAT_SECONDS + 15
+"""A run silent this long has lost its process (and its pool worker): it is set Crashed."""
 
 
 def flow_run_variables() -> dict[str, str]:

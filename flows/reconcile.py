@@ -1,0 +1,135 @@
+"""`dcm-reconcile`: the one place that repairs job records left in progress by runs that can no longer write them.
+
+It runs every minute (its schedule is in prefect.yaml, so it exists as soon as the deployments do) and
+looks at every job record in progress in a run of this runtime. The run that holds it may have ended
+without writing its outcome (cancelled while its post-service ran, killed after its pool worker's grace
+period, crashed while crash repair gave up during a long database outage), its flow-run record may be gone,
+or it may be a zombie: Running in Prefect's eyes, but silent, its process and pool worker dead. A job run
+that ran inside a session's process is judged by its session's run. Each such record is failed with the
+reason, fenced by the holding run's id (a record another run holds meanwhile is left alone), and a zombie
+run is set Crashed, as Prefect's "detect zombie flows" automation would. `dcm-record-crash`, started by each
+Crashed event, stays the fast path; a pass here after it changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from uuid import UUID
+
+from prefect import flow, get_run_logger
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import FlowRun
+from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+from prefect.states import Crashed
+
+from blocks.database import DcmDatabase
+from flows.run_logs import RunLogger
+from flows.runtime.names import DEFAULT_BLOCK, RECONCILE_FLOW
+from flows.runtime.platform_records import PlatformRecords
+from flows.runtime.variables import MISSED_HEARTBEATS_SECONDS
+
+HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
+
+
+@dataclass(frozen=True)
+class HeldJob:
+    """A job record in progress, and the flow run that holds it."""
+
+    job_id: str
+    flow_run_id: str
+    session_id: str | None
+
+
+class Reconciler:
+    """One pass over the records in progress, against one platform database and one Prefect API."""
+
+    def __init__(self, records: PlatformRecords, client: SyncPrefectClient, logger: RunLogger) -> None:
+        self.records = records
+        self.client = client
+        self.logger = logger
+        self._runs: dict[str, FlowRun | None] = {}
+
+    def pass_once(self) -> list[str]:
+        """Fail every record whose holding run can no longer write it; return their job ids."""
+        held = [HeldJob(*row) for row in self.records.jobs_held_by_runs()]
+        self._read_runs([job.flow_run_id for job in held])
+        repaired = []
+        for job in held:
+            reason = self._why_abandoned(job)
+            if reason is None:
+                continue
+            self.records.mark_failed_unless_recorded(job.job_id, job.flow_run_id, reason)
+            self.logger.warning("job %s: %s", job.job_id, reason)
+            repaired.append(job.job_id)
+        return repaired
+
+    def _read_runs(self, flow_run_ids: list[str]) -> None:
+        """Read the runs (in one request) into the cache; an id that is not a run's stays None."""
+        valid = []
+        for flow_run_id in set(flow_run_ids) - set(self._runs):
+            self._runs[flow_run_id] = None
+            try:
+                valid.append(UUID(flow_run_id))
+            except ValueError:
+                continue
+        if valid:
+            for run in self.client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=valid))):
+                self._runs[str(run.id)] = run
+
+    def _run(self, flow_run_id: str) -> FlowRun | None:
+        if flow_run_id not in self._runs:
+            self._read_runs([flow_run_id])
+        return self._runs[flow_run_id]
+
+    def _why_abandoned(self, job: HeldJob) -> str | None:
+        """Why the holding run can no longer write the record, or None while it still can."""
+        run = self._run(job.flow_run_id)
+        if run is None:
+            return f"its flow run {job.flow_run_id} no longer exists"
+        if run.deployment_id is None and job.session_id:
+            session_run_id = self.records.session_holder(job.session_id)
+            if session_run_id is not None:
+                return self._why_ended(session_run_id, f"the job ran in its session's flow run {session_run_id}, which")
+        return self._why_ended(job.flow_run_id, f"its flow run {job.flow_run_id}")
+
+    def _why_ended(self, flow_run_id: str, subject: str) -> str | None:
+        run = self._run(flow_run_id)
+        if run is None:
+            return f"{subject} no longer exists"
+        state = run.state
+        if state is not None and state.is_final():
+            detail = f": {state.message}" if state.message else ""
+            return f"{subject} ended {state.name} without recording the job's outcome{detail}"
+        if state is not None and state.is_running() and self._silent(run):
+            message = f"no heartbeat for {MISSED_HEARTBEATS_SECONDS} s: the run's process and its worker are gone"
+            self.client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+            return f"{subject} crashed: {message}"
+        return None
+
+    def _silent(self, run: FlowRun) -> bool:
+        """Whether a Running run has sent no heartbeat for MISSED_HEARTBEATS_SECONDS (and runs longer than that)."""
+        since = datetime.now(timezone.utc) - timedelta(seconds=MISSED_HEARTBEATS_SECONDS)
+        if run.start_time is None or run.start_time > since:
+            return False
+        heartbeats = self.client.read_events(filter=EventFilter(
+            occurred=EventOccurredFilter(since=since, until=datetime.now(timezone.utc)),
+            event=EventNameFilter(name=[HEARTBEAT_EVENT]),
+            resource=EventResourceFilter(id=[f"prefect.flow-run.{run.id}"]),
+        ), limit=1)
+        return not heartbeats.events
+
+
+@flow(name=RECONCILE_FLOW, persist_result=False, log_prints=False)
+def reconcile_flow(database_block: str = DEFAULT_BLOCK) -> list[str]:
+    """Fail the job records in progress whose holding run has ended, vanished or gone silent.
+
+    Args:
+        database_block: name of the `dcm-database` block.
+    """
+    records = PlatformRecords(DcmDatabase.resolve(database_block).open())
+    with get_client(sync_client=True) as client:
+        repaired = Reconciler(records, client, get_run_logger()).pass_once()
+    get_run_logger().info("%d job records repaired", len(repaired))
+    return repaired
