@@ -229,3 +229,56 @@ def test_plain_pip_installs_when_uv_is_not_wanted_and_required_components_come_f
         worker = platform.manager.get_worker(name)
         assert worker["installer"] == "pip" and "six==1.16.0" in worker["packages"]
         assert platform.manager.get_service(name) is not None
+
+
+def test_a_forced_reinstall_that_fails_leaves_the_installed_component_working(
+    platform: Platform, environments: Path, tmp_path: Path
+) -> None:
+    source = component(tmp_path / "kept", "venv-kept")
+    installed = install_component_flow(str(source))
+    (source / "worker" / "requirements.txt").write_text("dcm-no-such-package-anywhere==9.9.9\n")
+
+    with pytest.raises(Exception, match="installing the worker's packages failed"):
+        install_component_flow(str(source), force=True)
+
+    worker, service = platform.manager.get_worker("venv-kept"), platform.manager.get_service("venv-kept")
+    assert str(worker["_id"]) == installed["worker_id"] and str(service["_id"]) == installed["service_id"]
+    assert platform.manager.db.count("workers", {"query": {"name": "venv-kept"}}) == 1
+    job_id = platform.service_job(installed["service_id"], worker_id=installed["worker_id"], entry="echo")
+    assert finished(submit_job(job_id)).state.is_completed()
+    assert platform.job(job_id)["result"]["python"] == worker["venv_python_path"]
+
+
+def test_a_failed_part_undoes_the_whole_install_required_components_included(
+    platform: Platform, environments: Path, tmp_path: Path
+) -> None:
+    files_before = component_files(platform)
+    component(tmp_path / "required", "venv-required")
+    dependent = component(tmp_path / "unregistrable", "venv-unregistrable")
+    shutil.rmtree(dependent / "registry")
+    manifest = json.loads((dependent / "dcm-processor.json").read_text())
+    (dependent / "dcm-processor.json").write_text(json.dumps({**manifest, "requires": ["../required"]}))
+
+    with pytest.raises(Exception, match=r"service\.registry must name a folder"):
+        install_component_flow(str(dependent))
+
+    for name in ("venv-required", "venv-unregistrable"):
+        assert platform.manager.get_worker(name) is None and platform.manager.get_service(name) is None
+        assert not (environments / name).exists()
+    assert component_files(platform) == files_before
+
+
+@pytest.mark.parametrize(("requires", "refused"), [
+    ({"cycle-a": ["../cycle-b"], "cycle-b": ["../cycle-a"]}, "in a cycle: cycle-a -> cycle-b -> cycle-a"),
+    ({"escaping": ["../../../etc"]}, "which is outside"),
+])
+def test_requires_that_loop_or_leave_the_components_folder_are_refused_and_leave_nothing(
+    platform: Platform, environments: Path, tmp_path: Path, requires: dict[str, list[str]], refused: str
+) -> None:
+    for name, required in requires.items():
+        folder = tmp_path / "components" / name
+        folder.mkdir(parents=True)
+        (folder / "dcm-processor.json").write_text(json.dumps({"name": name, "version": "1", "requires": required}))
+
+    with pytest.raises(Exception, match=refused):
+        install_component_flow(str(tmp_path / "components" / next(iter(requires))))

@@ -61,14 +61,11 @@ class Component:
         return self.subfolder(self.service.get(key), f"service.{key}")
 
 
-def register_service(records: PlatformRecords, component: Component, replace: bool = False) -> str | None:
-    """Upload the service's module and registry and create its record; None when it exists already."""
+def register_service(records: PlatformRecords, component: Component) -> str:
+    """Upload the service's module and registry and create its record (beside any of the same name, which the
+    caller removes once it is replaced); return its id."""
     if component.service is None:
         raise InvalidRecord(f"component '{component.name}' declares no service")
-    if records.find_service(component.name) is not None:
-        if not replace:
-            return None
-        records.remove_service(component.name)
     uploaded: list[str] = []
     try:
         for key in ("module", "registry"):

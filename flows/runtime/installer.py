@@ -13,7 +13,7 @@ import contextlib
 import json
 import tempfile
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +50,13 @@ class InstallReport:
 
 
 @contextmanager
-def fetched(source: str) -> Iterator[Path]:
-    """The component folder of `source`: a folder, a .zip/.tar(.gz) archive, or an http(s) URL of one."""
+def fetched(source: str) -> Iterator[tuple[Path, Path]]:
+    """The component folder of `source` (a folder, a .zip/.tar(.gz) archive, or an http(s) URL of one), and the
+    tree its `requires` may name components in: a folder's parent (its siblings), or the archive's contents."""
     path = Path(source).expanduser()
     if path.is_dir():
-        yield _component_root(path.resolve())
+        folder = _component_root(path.resolve())
+        yield folder, folder.parent
         return
     with tempfile.TemporaryDirectory(prefix="dcm-component-") as temporary:
         if source.startswith(("http://", "https://")):
@@ -67,7 +69,7 @@ def fetched(source: str) -> Iterator[Path]:
             extract_archive(path, Path(temporary))
         else:
             raise InstallError(f"{source} is neither a folder, an archive nor an http(s) URL")
-        yield _component_root(Path(temporary))
+        yield _component_root(Path(temporary)), Path(temporary).resolve()
 
 
 def _component_root(folder: Path) -> Path:
@@ -79,8 +81,24 @@ def _component_root(folder: Path) -> Path:
     raise InstallError(f"no {MANIFEST} in the component's top folder")
 
 
+@dataclass
+class InstallRun:
+    """One install, required components included: what it made, undone as a whole if any part fails, and what
+    it replaces, removed only once everything is in place."""
+
+    undo: list[Callable[[], None]] = field(default_factory=list)
+    replaced: list[Callable[[], None]] = field(default_factory=list)
+    installing: list[str] = field(default_factory=list)
+    """The components being installed, outermost first, to refuse a `requires` cycle."""
+
+
 class ComponentInstaller:
-    """Installs and removes components against one platform database on this host."""
+    """Installs and removes components against one platform database on this host.
+
+    A forced reinstall builds the new environment beside the installed one and registers the new records next
+    to the old ones; the old installation is removed only when the new one is complete, so a reinstall that
+    fails leaves the old one working, and jobs keep running on it meanwhile.
+    """
 
     def __init__(self, records: PlatformRecords, host: HostSettings, on_line: LineHandler,
                  progress: ProgressHandler) -> None:
@@ -90,25 +108,55 @@ class ComponentInstaller:
         self.progress = progress
 
     def install(self, source: str, force: bool = False) -> InstallReport:
+        run = InstallRun()
+        try:
+            report = self._install(source, force, run)
+        except BaseException:
+            for undo in reversed(run.undo):
+                undo()
+            raise
+        for remove in run.replaced:
+            remove()
+        return report
+
+    def _install(self, source: str, force: bool, run: InstallRun) -> InstallReport:
         self.progress("fetch", 5)
-        with fetched(source) as folder:
+        with fetched(source) as (folder, tree):
             component = Component.read(folder)
+            if component.name in run.installing:
+                cycle = " -> ".join([*run.installing[run.installing.index(component.name):], component.name])
+                raise InstallError(f"components require each other in a cycle: {cycle}")
+            run.installing.append(component.name)
             for required in component.requires:
-                self.install(str((folder / required).resolve()), force=False)
+                path = (folder / required).resolve()
+                if not path.is_relative_to(tree):
+                    raise InstallError(f"component '{component.name}' requires '{required}', which is outside {tree}")
+                self._install(str(path), False, run)
             skipped: list[str] = []
             worker_name = worker_id = None
             if component.worker is not None:
-                worker_name, worker_id = self._install_worker(component, force, skipped)
+                worker_name, worker_id = self._install_worker(component, force, skipped, run)
             service_id = None
             if component.service is not None:
                 self.progress("register", 90)
-                service_id = register_service(self.records, component, replace=force)
-                if service_id is None:
-                    skipped.append(f"service '{component.name}' is already installed (use force to replace it)")
+                service_id = self._register(component, force, skipped, run)
+            run.installing.pop()
             self.progress("done", 100)
             return InstallReport(component.name, worker_name, worker_id, service_id, skipped)
 
-    def _install_worker(self, component: Component, force: bool, skipped: list[str]) -> tuple[str, str | None]:
+    def _register(self, component: Component, force: bool, skipped: list[str], run: InstallRun) -> str | None:
+        existing = self.records.find_service(component.name)
+        if existing is not None and not force:
+            skipped.append(f"service '{component.name}' is already installed (use force to replace it)")
+            return None
+        service_id = register_service(self.records, component)
+        run.undo.append(lambda: self.records.remove_service(service_id))
+        if existing is not None:
+            run.replaced.append(lambda: self.records.remove_service(existing.id))
+        return service_id
+
+    def _install_worker(self, component: Component, force: bool, skipped: list[str],
+                        run: InstallRun) -> tuple[str, str | None]:
         assert component.worker is not None
         worker_folder = component.subfolder(component.worker.get("path", "worker"), "worker.path")
         settings_file = worker_folder / "settings.json"
@@ -121,12 +169,11 @@ class ComponentInstaller:
         environment_type = environment_class(type_name, f"worker '{name}'")
         settings = environment_type.settings_model.parse(raw_settings, f"worker '{name}'")
         existing = self.records.find_worker(name)
-        if existing is not None:
-            if not force:
-                skipped.append(f"worker '{name}' is already installed (use force to replace it)")
-                return name, existing.id
-            self.remove_worker(existing)
-        context = InstallContext(name, worker_folder, self.host, self.on_line, self.progress)
+        if existing is not None and not force:
+            skipped.append(f"worker '{name}' is already installed (use force to replace it)")
+            return name, existing.id
+        in_use = frozenset(_built(existing))
+        context = InstallContext(name, worker_folder, self.host, self.on_line, self.progress, in_use=in_use)
         try:
             self.progress("environment", 20)
             built = environment_type.install(context, settings)
@@ -136,11 +183,15 @@ class ComponentInstaller:
                 {**raw_settings, **built}, name=name, worker_type=type_name, version=component.version,
                 device_id=get_device_id(), worker_files=files,
             )
-            return name, worker_id
         except BaseException:
             for cleanup in reversed(context.cleanups):
                 cleanup()
             raise
+        new = self.records.worker(worker_id)
+        run.undo.append(lambda: self.remove_worker(new, keep=in_use))
+        if existing is not None:
+            run.replaced.append(lambda: self.remove_worker(existing, keep=frozenset(_built(new))))
+        return name, worker_id
 
     def _upload_worker_files(self, context: InstallContext, settings: WorkerSettings) -> dict[str, str]:
         files: dict[str, str] = {}
@@ -164,10 +215,10 @@ class ComponentInstaller:
         context.cleanups.append(lambda: self.records.remove_component_file(file_id))
         return file_id
 
-    def remove_worker(self, worker: WorkerRecord) -> None:
-        """Remove a worker's environment or image, its files and its record."""
+    def remove_worker(self, worker: WorkerRecord, keep: frozenset[str] = frozenset()) -> None:
+        """Remove a worker's environment or images (but what `keep` names), its files and its record."""
         with contextlib.suppress(UnknownWorkerType, InvalidRecord):  # a broken record is still removable
-            environment_for(worker).remove()
+            environment_for(worker).remove(keep)
         for file_id in worker.worker_files.values():
             self.records.remove_component_file(file_id)
         self.records.remove_worker(worker.id)
@@ -175,11 +226,22 @@ class ComponentInstaller:
     def remove(self, name: str) -> list[str]:
         """Remove the service and the worker called `name`; return what was removed."""
         removed = []
-        if self.records.find_service(name) is not None:
-            self.records.remove_service(name)
+        service = self.records.find_service(name)
+        if service is not None:
+            self.records.remove_service(service.id)
             removed.append(f"service '{name}'")
         worker = self.records.find_worker(name)
         if worker is not None:
             self.remove_worker(worker)
             removed.append(f"worker '{name}'")
         return removed
+
+
+def _built(worker: WorkerRecord | None) -> set[str]:
+    """What an installed worker's environment type built for it; nothing for a record it cannot read."""
+    if worker is None:
+        return set()
+    try:
+        return environment_for(worker).built()
+    except (UnknownWorkerType, InvalidRecord):
+        return set()

@@ -268,8 +268,10 @@ class PlatformRecords:
         worker_files: Mapping[str, str],
     ) -> str:
         """The `workers` record of an installed worker: its settings (the ones its environment type adds
-        included), and where its scripts and data folder lie in `componentfiles`."""
-        return str(self.database.create_worker({
+        included), and where its scripts and data folder lie in `componentfiles`. Made beside a record of the
+        same name that it replaces (DBManager.create_worker refuses that; the installer removes the old one
+        once the new installation is complete)."""
+        return str(self.database.db.create(WORKERS, data={
             **settings, "name": name, "type": worker_type, "version": version, "device_id": device_id,
             "worker_files": {key: self.database.make_oid(file_id) for key, file_id in worker_files.items()},
         }))
@@ -282,16 +284,17 @@ class PlatformRecords:
     def create_service(
         self, *, name: str, version: str, jobs: list[Any], module_file_id: str, registry_file_id: str
     ) -> str:
-        """The `services` record of a registered service, naming its zipped module and registry."""
-        return str(self.database.create_service({
+        """The `services` record of a registered service, naming its zipped module and registry; made beside a
+        record of the same name that it replaces, as `create_worker` is."""
+        return str(self.database.db.create(SERVICES, data={
             "name": name, "version": version, "jobs": jobs,
             "module": self.database.make_oid(module_file_id), "registry": self.database.make_oid(registry_file_id),
         }))
 
     @database_call
-    def remove_service(self, name: str) -> None:
+    def remove_service(self, service_id: str) -> None:
         """Remove the service record and its module and registry files."""
-        self.database.remove_service(name, comp_file_fields=["module", "registry"])
+        self.database.remove_service_by_id(self.database.make_oid(service_id), comp_file_fields=["module", "registry"])
 
     @database_call
     def mark_failed_unless_recorded(self, job_id: str, flow_run_id: str, reason: str) -> None:

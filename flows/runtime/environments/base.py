@@ -109,8 +109,16 @@ class InstallContext:
     host: HostSettings
     on_line: LineHandler
     progress: ProgressHandler
+    in_use: frozenset[str] = frozenset()
+    """What the installation being replaced has built (see Environment.built): a failed build must not remove
+    it, even where the new build came out identical (an image from the build cache)."""
     cleanups: list[Callable[[], None]] = field(default_factory=list)
     """Undo steps, run newest first if a later step of the install fails."""
+
+    def made(self, identity: str, undo: Callable[[], None]) -> None:
+        """Note that the install made `identity`, to be undone by `undo` if a later step fails."""
+        if identity not in self.in_use:
+            self.cleanups.append(undo)
 
     def run(self, command: list[str], what: str) -> list[str]:
         """Run an install step, streaming its output to the run's logs; return its stdout lines."""
@@ -183,14 +191,20 @@ class Environment(ABC):
 
     @classmethod
     def install(cls, context: InstallContext, settings: WorkerSettings) -> dict[str, Any]:
-        """Build the worker's environment on this host; return the fields it adds to the worker record.
+        """Build the worker's environment on this host, beside any installed one (which stays usable until the
+        new one is complete); return the fields it adds to the worker record.
 
         Everything made is undone by the callables appended to `context.cleanups` if a later step fails.
         """
         raise UnknownWorkerType(f"{cls.__name__}s are not installed")
 
-    def remove(self) -> None:  # noqa: B027 - most types build nothing to remove
-        """Remove what `install` built (the environment, the image)."""
+    def built(self) -> set[str]:
+        """What `install` built, by identity (a folder, image ids)."""
+        return set()
+
+    def remove(self, keep: set[str] | frozenset[str] = frozenset()) -> None:  # noqa: B027 - most build nothing
+        """Remove what `install` built (the environment, the images), but what `keep` names: a replacement
+        built from the same sources can share an image with the installation it replaces."""
 
     def run(
         self,

@@ -124,7 +124,7 @@ class DockerEnvironment(Environment):
         labels = {WORKER_LABEL: context.name}
         if settings.build:
             worker_image = _build_worker_image(client, context, settings, labels)
-            context.cleanups.append(lambda: _remove_image(client, worker_image))
+            context.made(worker_image, lambda: _remove_image(client, worker_image))
             built = True
         elif settings.image:
             worker_image, built = _local_or_pulled(client, settings.image), False
@@ -139,14 +139,17 @@ class DockerEnvironment(Environment):
             )
         except InvalidRecord as error:
             raise InstallError(str(error)) from error
-        context.cleanups.append(lambda: _remove_image(client, runtime))
+        context.made(runtime, lambda: _remove_image(client, runtime))
         return {"image": worker_image, "image_built": built, "runtime_image": runtime}
 
-    def remove(self) -> None:
+    def built(self) -> set[str]:
+        images = {self.settings.runtime_image, self.settings.image if self.settings.image_built else None}
+        return {image for image in images if image}
+
+    def remove(self, keep: set[str] | frozenset[str] = frozenset()) -> None:
         client = _docker_client()
-        _remove_image(client, self.settings.runtime_image)
-        if self.settings.image_built:
-            _remove_image(client, self.settings.image)
+        for image in self.built() - keep:
+            _remove_image(client, image)
 
     def concurrency_tags(self) -> list[str]:
         """`gpu` for workers with GPUs: `prefect concurrency-limit create gpu N` caps their callbacks at N."""

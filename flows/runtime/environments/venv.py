@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,8 @@ class VenvEnvironment(Environment):
         worker's requirements (uv when available, else pip), from the host's wheelhouse or index."""
         interpreter, version = find_interpreter(settings.python_version)
         home = context.host.environments_folder / context.name
-        shutil.rmtree(home, ignore_errors=True)
+        if home.exists():  # an installed environment, in use until its replacement is complete
+            home = home.with_name(f"{context.name}-{uuid.uuid4().hex[:8]}")
         context.cleanups.append(lambda: shutil.rmtree(home, ignore_errors=True))
         venv = home / "venv"
         context.run([sys.executable, "-m", "virtualenv", "--python", str(interpreter), str(venv)],
@@ -77,8 +79,11 @@ class VenvEnvironment(Environment):
             "packages": context.run(freeze, "listing the installed packages"),
         }
 
-    def remove(self) -> None:
-        if self.settings.path and Path(self.settings.path, "venv").is_dir():
+    def built(self) -> set[str]:
+        return {self.settings.path} if self.settings.path else set()
+
+    def remove(self, keep: set[str] | frozenset[str] = frozenset()) -> None:
+        if self.settings.path and self.settings.path not in keep and Path(self.settings.path, "venv").is_dir():
             shutil.rmtree(self.settings.path, ignore_errors=True)
 
 
