@@ -84,28 +84,36 @@ class Reconciler:
         return self._runs[flow_run_id]
 
     def _why_abandoned(self, job: HeldJob) -> str | None:
-        """Why the holding run can no longer write the record, or None while it still can."""
+        """Why the holding run can no longer write the record, or None while it still can. Worded as crash
+        repair words it, so a record reads the same whichever of the two got there first."""
+        subject = f"the job's flow run {job.flow_run_id}"
         run = self._run(job.flow_run_id)
         if run is None:
-            return f"its flow run {job.flow_run_id} no longer exists"
+            return f"{subject} no longer exists"
         if run.deployment_id is None and job.session_id:
             session_run_id = self.records.session_holder(job.session_id)
             if session_run_id is not None:
-                return self._why_ended(session_run_id, f"the job ran in its session's flow run {session_run_id}, which")
-        return self._why_ended(job.flow_run_id, f"its flow run {job.flow_run_id}")
+                ended = self._how_ended(session_run_id)
+                session = f"its session's flow run {session_run_id}"
+                return None if ended is None else f"{subject} crashed: it ran in {session}, which {ended}"
+        ended = self._how_ended(job.flow_run_id)
+        return None if ended is None else f"{subject} {ended}"
 
-    def _why_ended(self, flow_run_id: str, subject: str) -> str | None:
+    def _how_ended(self, flow_run_id: str) -> str | None:
+        """How a run ended, as the rest of a sentence about it; None while it runs (a silent one is set Crashed)."""
         run = self._run(flow_run_id)
         if run is None:
-            return f"{subject} no longer exists"
+            return "no longer exists"
         state = run.state
+        if state is not None and state.is_crashed():
+            return f"crashed: {state.message or 'its process ended without a result'}"
         if state is not None and state.is_final():
             detail = f": {state.message}" if state.message else ""
-            return f"{subject} ended {state.name} without recording the job's outcome{detail}"
+            return f"ended {state.name} without recording the job's outcome{detail}"
         if state is not None and state.is_running() and self._silent(run):
             message = f"no heartbeat for {MISSED_HEARTBEATS_SECONDS} s: the run's process and its worker are gone"
             self.client.set_flow_run_state(run.id, Crashed(message=message), force=True)
-            return f"{subject} crashed: {message}"
+            return f"crashed: {message}"
         return None
 
     def _silent(self, run: FlowRun) -> bool:

@@ -50,37 +50,44 @@ def trivial_job(platform: Platform) -> str:
     return platform.service_job(platform.service(f"trivial-{uuid.uuid4().hex[:8]}", TRIVIAL_SERVICE))
 
 
+def live_run() -> str:
+    """The id of a flow run that is Running (no process runs it): the reconciler, which runs every minute,
+    leaves the records such a run holds alone for 75 s."""
+    return str(a_run_of_the_job_flow(Running()))
+
+
 def test_a_run_taken_for_dead_cannot_overwrite_the_outcome_of_the_run_that_holds_the_job_now(
     platform: Platform,
 ) -> None:
     records, job_id = platform.records, trivial_job(platform)
-    records.claim(job_id, "run-1")
-    records.mark_failed_unless_recorded(job_id, "run-1", "run-1 crashed (it was only slow)")
-    records.claim(job_id, "run-2")
+    first, second = live_run(), live_run()
+    records.claim(job_id, first)
+    records.mark_failed_unless_recorded(job_id, first, "the first run crashed (it was only slow)")
+    records.claim(job_id, second)
 
-    with pytest.raises(ClaimLost, match="no longer held by flow run run-1 but by flow run run-2"):
-        records.mark_succeeded(job_id, "run-1", "late value")
+    with pytest.raises(ClaimLost, match=f"no longer held by flow run {first} but by flow run {second}"):
+        records.mark_succeeded(job_id, first, "late value")
     with pytest.raises(ClaimLost):
-        records.mark_failed(job_id, "run-1", "late failure")
+        records.mark_failed(job_id, first, "late failure")
 
     held = platform.job(job_id)
-    assert held["inProgress"] is True and held["flowRunId"] == "run-2" and held["done"] is not True
-    records.mark_succeeded(job_id, "run-2", "value of run-2")
+    assert held["inProgress"] is True and held["flowRunId"] == second and held["done"] is not True
+    records.mark_succeeded(job_id, second, "value of run-2")
     assert platform.job(job_id)["result"] == "value of run-2"
 
 
 def test_a_run_whose_job_was_taken_over_ends_superseded_and_leaves_the_holders_record_alone(
     platform: Platform, start_sleeper: Callable[..., SleeperRun]
 ) -> None:
-    sleeper = start_sleeper(sleep=4)
-    platform.manager.db.update("jobs", sleeper.job_id, {"$set": {"flowRunId": "the-run-that-holds-it-now"}})
+    sleeper, holder = start_sleeper(sleep=4), live_run()
+    platform.manager.db.update("jobs", sleeper.job_id, {"$set": {"flowRunId": holder}})
 
     run = finished(sleeper.flow_run_id)
 
     assert run.state.is_cancelled() and run.state.name == "Superseded", run.state
-    assert "the-run-that-holds-it-now" in run.state.message and str(sleeper.flow_run_id) in run.state.message
+    assert holder in run.state.message and str(sleeper.flow_run_id) in run.state.message
     record = platform.job(sleeper.job_id)
-    assert record["inProgress"] is True and record["flowRunId"] == "the-run-that-holds-it-now"
+    assert record["inProgress"] is True and record["flowRunId"] == holder
     assert record["done"] is not True and "result" not in record
 
 
@@ -99,7 +106,7 @@ def test_a_job_that_failed_once_and_whose_next_run_crashes_is_failed_and_can_be_
     assert finished(flow_run_id, timeout=60).state.is_crashed()
     record = eventually(lambda: (job := platform.job(job_id))["inProgress"] is False and job, timeout=90)
     assert f"flow run {flow_run_id} crashed" in record["errorMessage"] and record["attempts"] == 2
-    platform.records.claim(job_id, "a-later-run")
+    platform.records.claim(job_id, live_run())
 
 
 POST_SCRIPT = """
@@ -216,7 +223,8 @@ def test_a_session_waits_for_a_job_held_by_another_run_and_cleans_up_only_after_
     held = platform.service_job(service, session_id=session_id)
     dependent = platform.service_job(service, session_id=session_id, depends_on=[platform.manager.make_oid(held)])
     clean_up = platform.session_hook_job(session_id, pre=False)
-    platform.records.claim(held, "a-live-run-elsewhere")
+    elsewhere = live_run()
+    platform.records.claim(held, elsewhere)
 
     session_run_id = submit_session(session_id)
     eventually(lambda: duplicate_child_of(session_run_id), timeout=120)
@@ -224,7 +232,7 @@ def test_a_session_waits_for_a_job_held_by_another_run_and_cleans_up_only_after_
 
     assert platform.job(clean_up).get("startedAt") is None, "the clean-up ran while a job was in progress"
     assert platform.job(dependent)["error"] is not True
-    platform.records.mark_succeeded(held, "a-live-run-elsewhere", "done elsewhere")
+    platform.records.mark_succeeded(held, elsewhere, "done elsewhere")
     run = finished(session_run_id, timeout=120)
 
     assert run.state.is_completed(), run.state.message
@@ -259,8 +267,8 @@ def test_the_reconciler_fails_records_whose_run_vanished_or_ended_and_leaves_tho
     reconcile()
     reconcile()
 
-    for job_id, reason in ((vanished, f"its flow run {vanished_run} no longer exists"),
-                           (ended, f"its flow run {ended_run} ended Cancelled without recording the job's outcome")):
+    for job_id, reason in ((vanished, f"flow run {vanished_run} no longer exists"),
+                           (ended, f"flow run {ended_run} ended Cancelled without recording the job's outcome")):
         record = platform.job(job_id)
         assert record["inProgress"] is False and record["error"] is True and record["attempts"] == 1, record
         assert reason in record["errorMessage"]
@@ -297,3 +305,17 @@ def test_a_job_whose_process_and_worker_are_killed_is_repaired_in_three_minutes_
     assert time.monotonic() - killed < 180
     assert "no heartbeat" in record["errorMessage"] and record["error"] is True
     assert finished(flow_run_id, timeout=30).state.is_crashed()
+
+
+def test_a_job_a_mongo_qas_worker_claims_after_a_run_of_ours_recorded_it_is_left_to_that_worker(
+    platform: Platform,
+) -> None:
+    job_id, vanished_run = trivial_job(platform), str(uuid.uuid4())
+    platform.records.claim(job_id, vanished_run)
+    platform.records.mark_failed(job_id, vanished_run, "the first attempt failed")
+    platform.manager.db.update("jobs", job_id, {"$set": {"inProgress": True}})  # as mongo-qas claims a job
+
+    reconcile()
+
+    record = platform.job(job_id)
+    assert record["inProgress"] is True and record["attempts"] == 1 and "flowRunId" not in record

@@ -50,11 +50,16 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+RELEASED = {"$unset": {"flowRunId": ""}}
+"""Part of every outcome write: a job no run holds names none, so that a later claim by a mongo-qas worker
+(which sets no `flowRunId`) is not taken for a claim of the run that wrote the outcome."""
+
+
 def _failure(message: str, failed_attempts: int = 1) -> dict[str, Any]:
     """The update that fails a job, as mongo-qas writes it: one `attempts` increment per failed attempt
     (none for a job skipped without running)."""
     update: dict[str, Any] = {
-        "$set": {"error": True, "inProgress": False, "errorMessage": message, "lastErrorAt": _now()},
+        "$set": {"error": True, "inProgress": False, "errorMessage": message, "lastErrorAt": _now()}, **RELEASED,
     }
     if failed_attempts:
         update["$inc"] = {"attempts": failed_attempts}
@@ -172,7 +177,7 @@ class PlatformRecords:
         self._write_as_holder(job_id, flow_run_id, {"$set": {
             "done": True, "inProgress": False, "error": False, "result": result,
             "completedAt": _now(), "progress": 100,
-        }})
+        }, **RELEASED})
 
     @database_call
     def mark_failed(self, job_id: str, flow_run_id: str, message: str, failed_attempts: int = 1) -> None:
