@@ -3,10 +3,10 @@
 A run whose process dies (killed, out of memory, host lost) cannot record its own outcome. Prefect
 notices in one of two ways: the pool worker that started the process sees it exit abnormally, or, when
 the pool worker is gone too, the run's heartbeats stop and the automation "dcm: crash runs without heartbeat"
-sets it Crashed (Prefect's own recipe for zombie runs; a self-hosted server has no other detector; the
-automations are defined in ops/prefect_setup.py).
-The automation "dcm: record crashed jobs" then runs the `dcm-record-crash` deployment for every
-crashed `dcm-job` run, which fails the job record when that run still holds it, and for every crashed
+sets it Crashed (Prefect's own recipe for zombie runs; a self-hosted server has no other detector; it is
+defined in ops/prefect_setup.py, and flows/reconcile.py finds such runs too, a minute later).
+The trigger "dcm: record crashed jobs" of the `dcm-record-crash` deployment (prefect.yaml) then runs it for
+every crashed `dcm-job` run, which fails the job record when that run still holds it, and for every crashed
 `dcm-session` run, whose job runs in its own process died with it and are set Crashed in turn. The callback's
 process does not outlive its run: the callback wrapper ends its process group when its parent dies.
 """

@@ -28,7 +28,7 @@ from blocks.database import DcmDatabase
 from flows.run_logs import RunLogger
 from flows.runtime.names import DEFAULT_BLOCK, RECONCILE_FLOW
 from flows.runtime.platform_records import PlatformRecords
-from flows.runtime.variables import MISSED_HEARTBEATS_SECONDS
+from flows.runtime.variables import MISSED_HEARTBEATS_SECONDS, SILENT_RUN_CRASHED
 
 HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
 
@@ -111,9 +111,8 @@ class Reconciler:
             detail = f": {state.message}" if state.message else ""
             return f"ended {state.name} without recording the job's outcome{detail}"
         if state is not None and state.is_running() and self._silent(run):
-            message = f"no heartbeat for {MISSED_HEARTBEATS_SECONDS} s: the run's process and its worker are gone"
-            self.client.set_flow_run_state(run.id, Crashed(message=message), force=True)
-            return f"crashed: {message}"
+            self.client.set_flow_run_state(run.id, Crashed(message=SILENT_RUN_CRASHED), force=True)
+            return f"crashed: {SILENT_RUN_CRASHED}"
         return None
 
     def _silent(self, run: FlowRun) -> bool:

@@ -31,7 +31,7 @@ from flows.runtime.names import (
     PROCESS_POOL,
     SESSION_QUEUE,
 )
-from flows.runtime.variables import MISSED_HEARTBEATS_SECONDS
+from flows.runtime.variables import MISSED_HEARTBEATS_SECONDS, SILENT_RUN_CRASHED
 from ops.pool_workers import DockerPoolWorker, ProcessPoolWorker
 
 PREFECT_YAML = Path(__file__).with_name("prefect.yaml")
@@ -103,7 +103,7 @@ def crash_automation() -> Automation:
         ),
         actions=[ChangeFlowRunState(
             state=StateType.CRASHED,
-            message=f"no heartbeat for {MISSED_HEARTBEATS_SECONDS} s: the run's process and its worker are gone",
+            message=SILENT_RUN_CRASHED,
         )],
     )
 

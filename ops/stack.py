@@ -339,19 +339,23 @@ def process_alive(pid: int) -> bool:
     """Whether `pid` runs. A zombie does not: a killed process with threads stays one, unreapable, until its
     last thread has gone, and a worker restarted only after that would leave the pool without one meanwhile."""
     _reap(pid)
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def _start_time(pid: int) -> int | None:
     """When `pid` started, in clock ticks since boot (field 22 of /proc/<pid>/stat); None when it is gone."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields is not None else None
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (the process state first), or None when it is
+    gone (also when it is reaped while the file is read)."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            return int(stat.read().rsplit(")", 1)[1].split()[19])
-    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            return stat.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
         return None
 
 

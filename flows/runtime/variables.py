@@ -21,6 +21,8 @@ WITHHELD_PREFIXES = ("PREFECT_", "DCM_DB_")
 HEARTBEAT_SECONDS = 30
 MISSED_HEARTBEATS_SECONDS = 2 * HEARTBEAT_SECONDS + 15
 """A run silent this long has lost its process (and its pool worker): it is set Crashed."""
+SILENT_RUN_CRASHED = f"no heartbeat for {MISSED_HEARTBEATS_SECONDS} s: the run's process and its worker are gone"
+"""The Crashed state's message of such a run, whichever of the heartbeat automation and the reconciler sets it."""
 
 
 def flow_run_variables() -> dict[str, str]:
