@@ -282,3 +282,43 @@ def test_requires_that_loop_or_leave_the_components_folder_are_refused_and_leave
 
     with pytest.raises(Exception, match=refused):
         install_component_flow(str(tmp_path / "components" / next(iter(requires))))
+
+
+@pytest.mark.parametrize("name", ["..", "/srv/data", "a/b", ".hidden", "", "x" * 300, "caf\u00e9"])
+@pytest.mark.parametrize("named", ["component", "worker"])
+def test_a_component_or_worker_name_that_is_not_a_plain_name_is_refused_before_anything_is_touched(
+    platform: Platform, environments: Path, tmp_path: Path, named: str, name: str
+) -> None:
+    worker_name = name if named == "worker" else "plain-worker"
+    folder = component(tmp_path / "hostile", name if named == "component" else "plain-component",
+                       worker={"name": worker_name, "params": {}, "python_version": "3.11"})
+    around = environments.parent
+    before = sorted(path.name for path in around.iterdir())
+    files = component_files(platform)
+
+    with pytest.raises(Exception, match="letters, digits"):
+        install_component_flow(str(folder))
+
+    assert sorted(path.name for path in around.iterdir()) == before
+    assert not any(environments.iterdir())
+    assert component_files(platform) == files
+    assert platform.manager.db.count("workers", {"name": worker_name}) == 0
+
+
+def test_a_service_whose_name_differs_only_in_case_from_an_installed_one_is_refused(
+    platform: Platform, environments: Path, tmp_path: Path
+) -> None:
+    def service_only(name: str) -> Path:
+        folder = component(tmp_path / name.lower() / name, name)
+        manifest = json.loads((folder / "dcm-processor.json").read_text())
+        del manifest["worker"]
+        (folder / "dcm-processor.json").write_text(json.dumps(manifest))
+        return folder
+
+    install_component_flow(str(service_only("Case-Service")))
+    try:
+        with pytest.raises(Exception, match="differs only in case from the installed service 'Case-Service'"):
+            install_component_flow(str(service_only("case-service")))
+        assert "case-service" not in [service["name"] for service in platform.manager.db.find("services", {})]
+    finally:
+        remove_component_flow("Case-Service")

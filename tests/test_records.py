@@ -8,7 +8,14 @@ import pytest
 from bson import ObjectId
 
 from flows.runtime.errors import InvalidRecord
-from flows.runtime.records import SERVICE_JOB, JobRecord, parse_timeout
+from flows.runtime.records import SERVICE_JOB, JobRecord, ServiceRecord, WorkerRecord, parse_timeout
+
+HOSTILE_NAMES = [
+    "..", "/srv/data", "a/b", ".hidden", "", "x" * 300, "caf\u00e9", "cafe\u0301", "two words", "line\nbreak",
+    "-starts-with-a-dash",
+]
+"""Names that must never become a path, an image tag or a file name: traversal, absolute, nested, hidden, empty,
+too long, Unicode (whose normal forms differ), blanks and control characters, an option-like dash."""
 
 
 def job_document(**changes: Any) -> dict[str, Any]:
@@ -71,3 +78,24 @@ def test_invalid_records_name_the_field_and_never_quote_headers(changes: dict[st
 
 def test_the_job_kwargs_are_kept_out_of_the_record_repr() -> None:
     assert "Secret" not in repr(JobRecord.from_document(job_document()))
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+@pytest.mark.parametrize("field", ["service_name", "job_name"])
+def test_a_job_whose_service_or_job_name_is_not_a_plain_name_is_refused(field: str, name: str) -> None:
+    with pytest.raises(InvalidRecord, match=f"'{field}' .*letters, digits"):
+        JobRecord.from_document(job_document(**{field: name}))
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_worker_and_service_records_whose_name_is_not_a_plain_name_are_refused(name: str) -> None:
+    with pytest.raises(InvalidRecord, match=r"'name' .*letters, digits"):
+        WorkerRecord.from_document({"_id": ObjectId(), "name": name, "type": "venv"})
+    with pytest.raises(InvalidRecord, match=r"'name' .*letters, digits"):
+        ServiceRecord.from_document({"_id": ObjectId(), "name": name, "module": ObjectId()})
+
+
+@pytest.mark.parametrize("name", ["brain", "nifti-converter", "Seg_2.1", "x" * 64])
+def test_plain_names_are_read(name: str) -> None:
+    assert WorkerRecord.from_document({"_id": ObjectId(), "name": name, "type": "venv"}).name == name
+    assert JobRecord.from_document(job_document(service_name=name, job_name=name)).job_name == name

@@ -16,6 +16,7 @@ from dcm_processor_utils import zip_directory_to_bytesio
 
 from flows.runtime.errors import InvalidRecord
 from flows.runtime.platform_records import PlatformRecords
+from flows.runtime.records import checked_name
 
 MANIFEST = "dcm-processor.json"
 
@@ -41,10 +42,9 @@ class Component:
             manifest = json.loads(manifest_file.read_text())
         except ValueError as error:
             raise InvalidRecord(f"{manifest_file} is not valid JSON: {error}") from error
-        if not isinstance(manifest.get("name"), str):
-            raise InvalidRecord(f"{manifest_file}: 'name' must be a string")
         return cls(
-            folder=folder, name=manifest["name"], version=str(manifest.get("version", "0.0.1")),
+            folder=folder, name=checked_name(manifest.get("name"), str(manifest_file)),
+            version=str(manifest.get("version", "0.0.1")),
             service=manifest.get("service"), worker=manifest.get("worker"),
             requires=[str(path) for path in manifest.get("requires", [])],
         )

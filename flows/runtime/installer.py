@@ -31,9 +31,9 @@ from flows.runtime.environments import (
 )
 from flows.runtime.environments.base import ProgressHandler
 from flows.runtime.errors import InstallError, InvalidRecord, UnknownWorkerType
-from flows.runtime.platform_records import PlatformRecords
+from flows.runtime.platform_records import SERVICES, WORKERS, PlatformRecords
 from flows.runtime.process import LineHandler
-from flows.runtime.records import WORKER_DATA_FILE, WorkerRecord
+from flows.runtime.records import WORKER_DATA_FILE, WorkerRecord, checked_name
 
 DOWNLOAD_LIMIT_BYTES = 2 * 1024**3
 
@@ -145,6 +145,7 @@ class ComponentInstaller:
             return InstallReport(component.name, worker_name, worker_id, service_id, skipped)
 
     def _register(self, component: Component, force: bool, skipped: list[str], run: InstallRun) -> str | None:
+        _refuse_case_twin("service", component.name, self.records.names(SERVICES))
         existing = self.records.find_service(component.name)
         if existing is not None and not force:
             skipped.append(f"service '{component.name}' is already installed (use force to replace it)")
@@ -164,10 +165,11 @@ class ComponentInstaller:
             raw_settings = json.loads(settings_file.read_text())
         except (OSError, ValueError) as error:
             raise InstallError(f"worker settings of '{component.name}' cannot be read: {error}") from error
-        name = raw_settings.get("name") or component.name
+        name = checked_name(raw_settings.get("name", component.name), f"{settings_file}")
         type_name = component.worker.get("type") or raw_settings.get("type")
         environment_type = environment_class(type_name, f"worker '{name}'")
         settings = environment_type.settings_model.parse(raw_settings, f"worker '{name}'")
+        _refuse_case_twin("worker", name, self.records.names(WORKERS))
         existing = self.records.find_worker(name)
         if existing is not None and not force:
             skipped.append(f"worker '{name}' is already installed (use force to replace it)")
@@ -235,6 +237,14 @@ class ComponentInstaller:
             self.remove_worker(worker)
             removed.append(f"worker '{name}'")
         return removed
+
+
+def _refuse_case_twin(kind: str, name: str, installed: list[str]) -> None:
+    """Refuse a name that differs only in case from an installed one: both would share a folder on a
+    case-insensitive file system and an image tag (tags are lower case)."""
+    for other in installed:
+        if other != name and other.lower() == name.lower():
+            raise InstallError(f"{kind} name '{name}' differs only in case from the installed {kind} '{other}'")
 
 
 def _built(worker: WorkerRecord | None) -> set[str]:

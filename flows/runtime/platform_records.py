@@ -268,6 +268,12 @@ class PlatformRecords:
         return None if document is None else WorkerRecord.from_document(document)
 
     @database_call
+    def names(self, collection: str) -> list[str]:
+        """The names of every record in `collection` (`workers` or `services`), as stored."""
+        documents = self.database.db.find(collection, {"query": {}, "select": ["name"]})
+        return [str(document.get("name")) for document in documents]
+
+    @database_call
     def create_worker(
         self, settings: Mapping[str, Any], *, name: str, worker_type: str, version: str, device_id: str,
         worker_files: Mapping[str, str],

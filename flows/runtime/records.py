@@ -58,6 +58,26 @@ def _field(document: Mapping[str, Any], key: str, expected: type | tuple[type, .
     return value
 
 
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+NAME_RULE = "1 to 64 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit"
+"""What a component, worker, service or job name may be. Names become folders, image tags and file names: the
+rule leaves out separators, '..', hidden and option-like names, blanks, control characters and Unicode (whose
+normal forms would make two different names look alike)."""
+
+
+def checked_name(value: Any, what: str, key: str = "name") -> str:
+    """`value` if it is a plain name (NAME_PATTERN), else InvalidRecord quoting it (a name is never patient data)."""
+    if not isinstance(value, str) or NAME_PATTERN.fullmatch(value) is None:
+        shown = repr(value) if not isinstance(value, str) or len(value) <= 80 else repr(value[:80] + "...")
+        raise InvalidRecord(f"{what}: '{key}' {shown} is not a plain name ({NAME_RULE})")
+    return value
+
+
+def _name(document: Mapping[str, Any], key: str, what: str, required: bool = False) -> str | None:
+    value = _field(document, key, str, what, required=required)
+    return None if value is None else checked_name(value, what, key)
+
+
 def _identifier(document: Mapping[str, Any], key: str, what: str, required: bool = False) -> str | None:
     """An id field, stored by the platform as ObjectId or as its hex string."""
     value = document.get(key)
@@ -127,8 +147,8 @@ class JobRecord:
             args=_field(data, "args", list, what, default=[]),
             kwargs=kwargs,
             session_id=_identifier(document, "sessionId", what),
-            job_name=_field(document, "job_name", str, what, required=is_service_job),
-            service_name=_field(document, "service_name", str, what),
+            job_name=_name(document, "job_name", what, required=is_service_job),
+            service_name=_name(document, "service_name", what),
             event=_field(document, "job_event", str, what) or _field(kwargs, "event", str, f"{what} data.kwargs"),
             worker_entry=_field(document, "job_worker_entry", str, what, required=is_service_job),
             timeout_seconds=parse_timeout(_field(document, "job_timeout", (str, int, float), what), what),
@@ -166,7 +186,7 @@ class ServiceRecord:
         what = f"service {service_id}"
         return cls(
             id=service_id,
-            name=_field(document, "name", str, what, required=True),
+            name=_name(document, "name", what, required=True),
             version=_field(document, "version", str, what),
             module_file_id=_identifier(document, "module", what, required=True),
         )
@@ -190,7 +210,7 @@ class WorkerRecord:
         files = _field(document, "worker_files", dict, what, default={})
         return cls(
             id=worker_id,
-            name=_field(document, "name", str, what, required=True),
+            name=_name(document, "name", what, required=True),
             type=_field(document, "type", str, what, required=True),
             worker_files={str(name): str(file_id) for name, file_id in files.items()},
             settings=dict(document),

@@ -134,7 +134,7 @@ class DockerEnvironment(Environment):
         wheelhouse = context.host.wheelhouse or build_wheelhouse(context.host.environments_folder / "wheelhouse")
         try:
             runtime = build_runtime_image(
-                client, worker_image, wheelhouse, f"dcm-worker/{context.name}-runtime:latest", labels,
+                client, worker_image, wheelhouse, image_tag(context.name, "-runtime"), labels,
                 installer="pip" if context.host.installer == "pip" else "uv",
             )
         except InvalidRecord as error:
@@ -185,6 +185,12 @@ class DockerEnvironment(Environment):
         return variables
 
 
+def image_tag(worker_name: str, suffix: str = "") -> str:
+    """The tag of a worker's image: Docker repository names are lower case (the installer refuses two workers
+    whose names differ only in case)."""
+    return f"dcm-worker/{worker_name.lower()}{suffix}:latest"
+
+
 def _build_worker_image(client: Any, context: InstallContext, settings: DockerSettings, labels: dict[str, str]) -> str:
     """Build the worker's Dockerfile, its output streamed to the run's logs; return the image id."""
     from docker.errors import BuildError  # deferred, as in _docker_client
@@ -192,7 +198,7 @@ def _build_worker_image(client: Any, context: InstallContext, settings: DockerSe
     assert settings.build is not None
     try:
         image, log = client.images.build(
-            path=str(context.folder), dockerfile=settings.build, tag=f"dcm-worker/{context.name}:latest",
+            path=str(context.folder), dockerfile=settings.build, tag=image_tag(context.name),
             rm=True, forcerm=True, labels=labels,
             buildargs={key: str(value) for key, value in settings.build_kwargs.items()},
         )
