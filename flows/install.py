@@ -21,6 +21,7 @@ from flows.runtime.environments import HostSettings
 from flows.runtime.installer import ComponentInstaller
 from flows.runtime.names import DEFAULT_BLOCK, INSTALL_FLOW, REMOVE_FLOW
 from flows.runtime.platform_records import PlatformRecords
+from flows.runtime.redaction import Redactor
 
 
 def host_settings(host: WorkerHost) -> HostSettings:
@@ -41,7 +42,11 @@ def _installer(database_block: str, host_block: str, progress_key: str | None) -
         update_progress_artifact(artifact_id, percent, description=f"step: {step}")
 
     records = PlatformRecords(DcmDatabase.resolve(database_block).open())
-    return ComponentInstaller(records, host_settings(WorkerHost.resolve(host_block)), line_logger(logger), progress)
+    host = host_settings(WorkerHost.resolve(host_block))
+    redact = Redactor()
+    redact.add_secret_url(records.database.dburl, "database url")
+    redact.add_secret_url(host.index_url, "index url")
+    return ComponentInstaller(records, host, line_logger(logger, redact), progress)
 
 
 @flow(name=INSTALL_FLOW, persist_result=False, log_prints=False)

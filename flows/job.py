@@ -52,7 +52,7 @@ _infrastructure_retries: dict[str, Any] = {
 def pre_service(run: JobRun) -> PreparedJob:
     """Load and check the job, service and worker records, claim the job, extract the service module."""
     logger = get_run_logger()
-    prepared = run.prepare(line_logger(logger))
+    prepared = run.prepare(line_logger(logger, run.redact))
     logger.info("%s prepared in %s", run.label, prepared.environment.describe())
     return prepared
 
@@ -82,14 +82,16 @@ def execute(run: JobRun, prepared: PreparedJob) -> Any:
     """Run the job's callback in a child process of its environment, streaming its output."""
     with get_client(sync_client=True) as client:
         logger = get_run_logger()
-        return run.execute(prepared, line_logger(logger), _cancellation_check(client, run.flow_run_id, logger))
+        on_line = line_logger(logger, run.redact)
+        return run.execute(prepared, on_line, _cancellation_check(client, run.flow_run_id, logger))
 
 
 @task(name="post-service", **_task_options, **_infrastructure_retries)
 def post_service(run: JobRun, prepared: PreparedJob | None, failed_attempts: int, result: Any = None,
                  error: BaseException | None = None) -> Outcome:
     """Run post-scripts, write the outcome to the job record, publish the outcome artifact, clean up."""
-    outcome = run.finish(prepared, line_logger(get_run_logger()), failed_attempts, result=result, error=error)
+    on_line = line_logger(get_run_logger(), run.redact)
+    outcome = run.finish(prepared, on_line, failed_attempts, result=result, error=error)
     _publish(run, outcome)
     return outcome
 
@@ -176,7 +178,7 @@ def _run_job(run: JobRun) -> Any:
     except Exception as error:
         return _final_state(run, post_service(run, prepared, failed_attempts, error=error), None)
     except BaseException as interruption:
-        run.finish(prepared, line_logger(get_run_logger()), failed_attempts, error=RunCancelled(
+        run.finish(prepared, line_logger(get_run_logger(), run.redact), failed_attempts, error=RunCancelled(
             f"the flow run was cancelled or terminated ({type(interruption).__name__}); "
             "the callback's process tree was killed"
         ))

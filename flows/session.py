@@ -47,6 +47,7 @@ from flows.runtime.errors import AlreadyClaimed, ClaimLost, JobError
 from flows.runtime.names import DEFAULT_BLOCK, SESSION_FLOW, JobParameters
 from flows.runtime.platform_records import PlatformRecords
 from flows.runtime.records import POST_SERVICES_JOB, JobRecord
+from flows.runtime.redaction import Redactor
 from flows.runtime.session_plan import SessionPlan
 from flows.submit import job_run_name, job_tags, submit_job
 
@@ -240,9 +241,11 @@ def _state_summary(state: State) -> str:
 def _record_failure(
     plan: SessionPlan, records: PlatformRecords, job_id: str, reason: str, flow_run_id: UUID | None = None
 ) -> None:
-    """Note a failed job and skip its dependents, saying in their records which job failed."""
+    """Note a failed job and skip its dependents, saying in their records which job failed. The reason may quote
+    what the job's callback said (a record's errorMessage): the session's log gets it redacted."""
     logger = get_run_logger()
-    logger.warning("job %s (%s) did not succeed: %s", job_id, plan.jobs[job_id].label, reason)
+    redact = Redactor.for_job(plan.jobs[job_id].kwargs, records.database.dburl)
+    logger.warning("job %s (%s) did not succeed: %s", job_id, plan.jobs[job_id].label, redact(reason))
     records.mark_failed_unless_recorded(
         job_id, str(flow_run_id), f"the job's flow run ended without recording an outcome: {reason}"
     )

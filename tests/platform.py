@@ -19,6 +19,14 @@ from flows.runtime.platform_records import PlatformRecords
 from flows.runtime.records import POST_SERVICES_JOB, PRE_SERVICES_JOB, SERVICE_JOB
 
 PATIENT_NAME = "Doe^Janet-Sensitive"
+IDENTIFYING_METADATA = {
+    "PatientName": PATIENT_NAME, "PatientID": "PID-778899", "OtherPatientIDs": "ALT-1122\\ALT-3344",
+    "PatientBirthDate": "19700412", "AccessionNumber": "ACC-55667788", "InstitutionName": "St Elsewhere Clinic",
+    "ReferringPhysicianName": "Houseman^Gregory", "PerformingPhysicianName": "Quinlan^Michaela",
+    "StudyInstanceUID": "1.2.826.0.1.3680043.8.498.101", "SeriesInstanceUID": "1.2.826.0.1.3680043.8.498.102",
+    "SOPInstanceUID": "1.2.826.0.1.3680043.8.498.103",
+}
+"""The PS3.15 basic-profile identifiers a series document may hold (made up, as every value here is)."""
 
 
 def zip_files(files: dict[str, str]) -> bytes:
@@ -99,7 +107,9 @@ class Platform:
     def series_headers(self) -> dict[str, Any]:
         return {
             "_id": self.manager.make_oid(None), "PatientUID": "hashed-uid", "PeerUID": "test-peer",
-            "Instances": [], "Metadata": {"PatientName": PATIENT_NAME, "Modality": "MR"},
+            "StudyInstanceUID": IDENTIFYING_METADATA["StudyInstanceUID"],
+            "SeriesInstanceUID": IDENTIFYING_METADATA["SeriesInstanceUID"],
+            "Instances": [], "Metadata": {**IDENTIFYING_METADATA, "Modality": "MR"},
         }
 
     def _database_kwargs(self) -> dict[str, Any]:

@@ -8,7 +8,9 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
+from uuid import UUID
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -26,7 +28,7 @@ from flows.runtime.variables import SERVICE_PREFIX
 from flows.submit import submit_job
 from ops.stack import StackState, process_alive
 from tests.conftest import SleeperRun, eventually, finished, read_flow_run, read_logs
-from tests.platform import PATIENT_NAME, Platform, zip_files
+from tests.platform import IDENTIFYING_METADATA, PATIENT_NAME, Platform, zip_files
 
 pytestmark = pytest.mark.integration
 
@@ -256,16 +258,34 @@ def run(**kwargs):
     assert platform.job(job_id)["result"] == "second attempt"
 
 
-def test_no_patient_data_or_database_url_reaches_prefect(
-    platform: Platform, database: DcmDatabase, stack: StackState
-) -> None:
-    source = "def run(session_id, job_name, headers, params, added_params, **kwargs):\n    return 'ok'\n"
-    job_id = platform.service_job(platform.service("private", source))
-    flow_run_id, flow_run = run_job(job_id)
-    assert flow_run.state.is_completed()
+LEAKING_SERVICE = """
+import os, sys
 
+def run(session_id, job_name, headers, params, added_params, **kwargs):
+    metadata = headers["Metadata"]
+    family, given = metadata["PatientName"].split("^")
+    said = [value for value in metadata.values() if isinstance(value, str)]
+    said += [f"{given} {family}", f"{family.upper()}, {given}", "1970-04-12",
+             os.environ["DCM-PROCESSOR-SERVICE-DB-URL"]]
+    print("harmless: 42 slices checked")
+    for value in said:
+        print(f"processing patient{value}")
+        print(f"warning about {value}", file=sys.stderr)
+    raise ValueError("bad series for " + " / ".join(said))
+"""
+
+
+def stored_by_prefect(flow_run_id: UUID) -> dict[str, Any]:
+    """What the Prefect API holds of a flow run: the run, its task runs, logs, artifacts and events."""
     with get_client(sync_client=True) as client:
-        stored = {
+        page = client.request("POST", "/events/filter", json={
+            "filter": {"any_resource": {"id_prefix": [f"prefect.flow-run.{flow_run_id}"]}}, "limit": 50,
+        }).json()
+        events = page["events"]
+        while page.get("next_page"):
+            page = client._client.get(page["next_page"]).json()
+            events += page["events"]
+        return {
             "flow_run": client.read_flow_run(flow_run_id).model_dump(mode="json"),
             "task_runs": [run.model_dump(mode="json") for run in client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), task_run_filter=TaskRunFilter()
@@ -274,12 +294,62 @@ def test_no_patient_data_or_database_url_reaches_prefect(
             "artifacts": [artifact.model_dump(mode="json") for artifact in client.read_artifacts(
                 artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
             )],
+            "events": events,
         }
+
+
+def sensitive_values(database: DcmDatabase) -> list[str]:
+    url = database.url.get_secret_value()
+    family, given = PATIENT_NAME.split("^")
+    values = [value for value in IDENTIFYING_METADATA.values() if "^" not in value and "\\" not in value]
+    values += ["ALT-1122", "ALT-3344", "1970-04-12", "Houseman", "Quinlan", given, f"{given} {family}",
+               PATIENT_NAME, "Doe^", url, urlparse(url).netloc]
+    return values
+
+
+def test_no_patient_data_or_database_url_reaches_prefect(
+    platform: Platform, database: DcmDatabase, stack: StackState
+) -> None:
+    source = "def run(session_id, job_name, headers, params, added_params, **kwargs):\n    return 'ok'\n"
+    job_id = platform.service_job(platform.service("private", source))
+    flow_run_id, flow_run = run_job(job_id)
+    assert flow_run.state.is_completed()
+
+    stored = stored_by_prefect(flow_run_id)
     text = json.dumps(stored)
 
     assert stored["artifacts"], "the outcome artifact exists"
     assert len(stored["task_runs"]) == 3
     assert stored["flow_run"]["parameters"] == {"job_id": job_id, "database_block": "default"}
-    url = database.url.get_secret_value()
-    for secret in (PATIENT_NAME, "Doe^", url, urlparse(url).netloc):
+    for secret in sensitive_values(database):
         assert secret not in text
+
+
+def test_what_a_service_prints_and_raises_about_its_patient_reaches_prefect_redacted_and_the_record_in_full(
+    platform: Platform, database: DcmDatabase, stack: StackState
+) -> None:
+    job_id = platform.service_job(platform.service("leaky", LEAKING_SERVICE), max_attempts=2)
+
+    flow_run_id, flow_run = run_job(job_id)
+
+    assert flow_run.state.is_failed()
+    record = platform.job(job_id)
+    assert "bad series for" in record["errorMessage"] and PATIENT_NAME in record["errorMessage"]
+
+    def failed_event_stored() -> dict[str, Any] | None:
+        found = stored_by_prefect(flow_run_id)
+        return found if any(event["event"] == "prefect.flow-run.Failed" for event in found["events"]) else None
+
+    stored = eventually(failed_event_stored)
+    text = json.dumps(stored)
+    logged = [log["message"] for log in stored["logs"]]
+    assert "harmless: 42 slices checked" in logged
+    assert any(line.startswith("attempt 1 of 2 failed") for line in logged)
+    assert "bad series for [" in flow_run.state.message
+    for label in ("patient name", "patient id", "other patient ids", "birth date", "accession number",
+                  "institution", "referring physician", "performing physician", "study uid", "series uid",
+                  "instance uid", "database url"):
+        assert f"[{label}]" in text, label
+    for secret in sensitive_values(database):
+        assert secret.lower() not in text.lower(), secret
+

@@ -5,6 +5,8 @@ Messages name ids, fields and causes; they never quote `headers` or other patien
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class JobError(Exception):
     """A job cannot run or did not succeed; the message is what the job record will say."""
@@ -47,9 +49,15 @@ class ArchiveError(JobError):
 class CallbackFailed(JobError):
     """The callback raised, crashed, timed out, was killed or returned something that is not JSON."""
 
-    def __init__(self, message: str, traceback: str = "") -> None:
+    def __init__(self, message: str, traceback: str = "", recorded: str | None = None) -> None:
         super().__init__(message)
         self.traceback = traceback
+        self.recorded = message if recorded is None else recorded
+        """The full message, for the job record; the message itself is what Prefect may see (see `redacted`)."""
+
+    def redacted(self, redact: Callable[[str], str]) -> CallbackFailed:
+        """A copy for Prefect, with what the callback said about its patient cut out (flows/runtime/redaction.py)."""
+        return CallbackFailed(redact(self.recorded), redact(self.traceback), recorded=self.recorded)
 
 
 class RunCancelled(JobError):

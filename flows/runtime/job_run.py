@@ -23,10 +23,11 @@ from typing import Any
 from flows.runtime.archive import extract_archive
 from flows.runtime.callback import Callback
 from flows.runtime.environments import Environment, JobFolders, environment_of_job
-from flows.runtime.errors import ClaimLost, InvalidRecord, JobError, JobNotRunnable, RunCancelled
+from flows.runtime.errors import CallbackFailed, ClaimLost, InvalidRecord, JobError, JobNotRunnable, RunCancelled
 from flows.runtime.platform_records import PlatformRecords
 from flows.runtime.process import LineHandler, StopCheck
 from flows.runtime.records import POST_SERVICES_JOB, PRE_SERVICES_JOB, JobRecord
+from flows.runtime.redaction import Redactor
 from flows.runtime.variables import callback_variables, service_variables
 
 SERVICE_MODULE = "service_module"
@@ -89,6 +90,11 @@ class JobRun:
         self._calls = 0
         self._scripts_run: set[tuple[str, str]] = set()
         self._settled: tuple[BaseException | None] | None = None
+        self._redactor = Redactor.for_job({}, records.database.dburl)
+
+    def redact(self, text: str) -> str:
+        """`text` as Prefect may see it: once the job is loaded, without its patient's identifiers."""
+        return self._redactor(text)
 
     def _claim(self) -> None:
         self.records.claim(self.job_id, self.flow_run_id)
@@ -97,10 +103,12 @@ class JobRun:
     def _load(self) -> JobRecord:
         """Load and check the job; an invalid record is claimed first, so that its failure is recorded."""
         try:
-            return self.records.job(self.job_id)
+            job = self.records.job(self.job_id)
         except InvalidRecord:
             self._claim()
             raise
+        self._redactor = Redactor.for_job(job.kwargs, self.records.database.dburl)
+        return job
 
     def prepare(self, on_line: LineHandler) -> PreparedJob:
         """Pre-service: load and check the records, claim the job, lay out its folder, run pre-scripts."""
@@ -134,7 +142,13 @@ class JobRun:
               timeout_seconds: float | None = None, should_stop: StopCheck | None = None) -> Any:
         self._calls += 1
         folder = prepared.workspace / "calls" / f"{self._calls:02d}-{callback.function}"
-        return prepared.environment.run(callback, folder, prepared.variables, timeout_seconds, on_line, should_stop)
+        try:
+            return prepared.environment.run(callback, folder, prepared.variables, timeout_seconds, on_line,
+                                            should_stop)
+        except CallbackFailed as failure:
+            redacted = failure.redacted(self.redact)
+        # Raised outside the handler: a chained original would put the callback's own words into Prefect's traceback.
+        raise redacted
 
     def _run_scripts(self, prepared: PreparedJob, step: str, names: list[str], on_line: LineHandler) -> None:
         """Run each worker script's `callback(**kwargs, session_dir=...)`, as the platform's docker worker did;
@@ -191,12 +205,12 @@ class JobRun:
                     error = script_error
             self._settled = (error,)
         (error,) = self._settled
-        message = "succeeded" if error is None else describe_failure(error)
+        recorded = "succeeded" if error is None else describe_failure(error)
         try:
             if self.claimed and error is None:
                 self.records.mark_succeeded(self.job_id, self.flow_run_id, result)
             elif self.claimed:
-                self.records.mark_failed(self.job_id, self.flow_run_id, message, max(1, failed_attempts))
+                self.records.mark_failed(self.job_id, self.flow_run_id, recorded, max(1, failed_attempts))
         except ClaimLost:
             self.remove_workspace()
             raise
@@ -204,7 +218,7 @@ class JobRun:
         return Outcome(
             succeeded=error is None,
             cancelled=isinstance(error, RunCancelled),
-            message=message,
+            message=self.redact(recorded),
             duration_seconds=time.monotonic() - self.started,
             attempts=failed_attempts + (1 if error is None else 0),
             environment=prepared.environment.describe() if prepared is not None else "not prepared",
@@ -217,7 +231,10 @@ class JobRun:
 
 
 def describe_failure(error: BaseException) -> str:
-    """The record's errorMessage: our own errors say it all; anything else is named by its type."""
+    """The record's errorMessage (the full text, also what a callback said): our own errors say it all; anything
+    else is named by its type."""
+    if isinstance(error, CallbackFailed):
+        return error.recorded
     if isinstance(error, JobError):
         return str(error)
     return f"{type(error).__name__}: {error}"
