@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from flows.runtime.environments.base import Environment, InstallContext, JobFolders, WorkerSettings
 from flows.runtime.errors import InstallError, InvalidRecord
 from flows.runtime.names import DOCKER_DEPLOYMENT, DOCKER_POOL, JOB_FLOW, deployment
+from flows.runtime.redaction import SHOW_UIDS_VARIABLE, show_uids
 from flows.runtime.variables import flow_run_variables
 from flows.runtime.wheelhouse import build_wheelhouse
 
@@ -176,6 +177,7 @@ class DockerEnvironment(Environment):
             "network_mode": settings.network_mode,
             "env": {
                 **(run_options.get("environment") or {}), **flow_run_variables(),
+                **({SHOW_UIDS_VARIABLE: "1"} if show_uids() else {}),
                 "HOME": "/tmp", "PREFECT_HOME": "/tmp/prefect",
             },
             "container_create_kwargs": create,
