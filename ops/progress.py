@@ -56,7 +56,8 @@ def follow_run(
 ) -> FlowRun:
     """Show the run's progress until it reaches a final state (or the timeout passes); return the run."""
     deadline = time.monotonic() + timeout_seconds
-    columns = (SpinnerColumn(), TextColumn(title), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[line]}"))
+    columns = (SpinnerColumn(), TextColumn(title, markup=False), BarColumn(), TaskProgressColumn(),
+               TextColumn("{task.fields[line]}", markup=False))
     with get_client(sync_client=True) as client, Progress(*columns, console=console) as progress:
         bar = progress.add_task(title, total=100, line="")
         while True:

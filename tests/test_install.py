@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import zipfile
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import LogCreate
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.deployments import run_deployment
+from prefect.states import Completed
+from rich.console import Console
 
 from blocks.database import DcmDatabase
 from blocks.host import WorkerHost
 from flows.install import install_component_flow, remove_component_flow
 from flows.runtime.environments.docker import WORKER_LABEL
+from flows.runtime.names import INSTALL_FLOW, deployment
 from flows.submit import submit_job
+from ops.progress import follow_run
 from ops.stack import docker_engine_answers
 from tests.conftest import BASE_IMAGE, containers_matching, eventually, finished
 from tests.platform import Platform
@@ -322,3 +329,16 @@ def test_a_service_whose_name_differs_only_in_case_from_an_installed_one_is_refu
         assert "case-service" not in [service["name"] for service in platform.manager.db.find("services", {})]
     finally:
         remove_component_flow("Case-Service")
+
+
+def test_the_progress_view_shows_log_lines_and_titles_with_brackets_as_they_are(stack) -> None:
+    with get_client(sync_client=True) as client:
+        install = client.read_deployment_by_name(deployment(INSTALL_FLOW))
+        flow_run = client.create_flow_run_from_deployment(install.id, parameters={"source": "x"}, state=Completed())
+        client.create_logs([LogCreate(name="test", level=20, message="[/usr/lib] copied [bold]",
+                                      flow_run_id=flow_run.id, timestamp=datetime.now(timezone.utc))])
+    screen = io.StringIO()
+
+    follow_run(flow_run.id, "installing [/x]", console=Console(file=screen, width=200))
+
+    assert "[/usr/lib] copied [bold]" in screen.getvalue() and "installing [/x]" in screen.getvalue()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
 from bson import ObjectId
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flows.runtime.errors import InvalidRecord
 from flows.runtime.records import SERVICE_JOB, JobRecord, ServiceRecord, WorkerRecord, parse_timeout
@@ -99,3 +102,38 @@ def test_worker_and_service_records_whose_name_is_not_a_plain_name_are_refused(n
 def test_plain_names_are_read(name: str) -> None:
     assert WorkerRecord.from_document({"_id": ObjectId(), "name": name, "type": "venv"}).name == name
     assert JobRecord.from_document(job_document(service_name=name, job_name=name)).job_name == name
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+    | st.builds(ObjectId),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=10), children, max_size=3),
+    max_leaves=10,
+)
+
+
+def documents(fields: list[str]) -> st.SearchStrategy[dict[str, Any]]:
+    """Records with any subset of the fields a reader looks at, each holding any JSON-like value."""
+    return st.dictionaries(st.sampled_from(fields), JSON_VALUES, max_size=len(fields))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(document=documents(["_id", "data", "sessionId", "job_name", "service_name", "job_event", "job_worker_entry",
+                           "job_timeout", "peer_id", "channel", "depends_on", "attempts", "max_attempts", "done",
+                           "errorMessage"]),
+       data=documents(["function_name", "args", "kwargs"]), kwargs=documents(["service_id", "worker_id", "event"]))
+def test_any_job_document_is_read_or_refused_with_invalid_record(
+    document: dict[str, Any], data: dict[str, Any], kwargs: dict[str, Any]
+) -> None:
+    if data:
+        document["data"] = {**data, "kwargs": kwargs} if "kwargs" in data else data
+    with contextlib.suppress(InvalidRecord):
+        JobRecord.from_document(document)
+
+
+@settings(max_examples=500, deadline=None)
+@given(document=documents(["_id", "name", "type", "worker_files", "version", "module"]))
+def test_any_worker_or_service_document_is_read_or_refused_with_invalid_record(document: dict[str, Any]) -> None:
+    for reader in (WorkerRecord.from_document, ServiceRecord.from_document):
+        with contextlib.suppress(InvalidRecord):
+            reader(document)

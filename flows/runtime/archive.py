@@ -8,7 +8,9 @@ and the extracted size and file count are bounded so that a zip bomb stops early
 from __future__ import annotations
 
 import io
+import lzma
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -21,6 +23,14 @@ from typing import IO, BinaryIO
 from flows.runtime.errors import ArchiveError
 
 CHUNK_BYTES = 1024 * 1024
+ENCRYPTED_FLAG = 0x1
+ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+CORRUPT_ARCHIVE_ERRORS = (
+    zipfile.BadZipFile, tarfile.TarError, zlib.error, lzma.LZMAError, EOFError, OSError, ValueError, RuntimeError,
+    NotImplementedError, struct.error, IndexError, KeyError, OverflowError,
+)
+"""What the standard library raises for a damaged archive (the zip module raises RuntimeError and
+NotImplementedError for flags and versions it does not handle, and IndexError and KeyError from its parsers)."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,8 @@ class _Entry:
     name: str
     is_directory: bool
     declared_size: int
+    executable: bool = False
+    """The owner's execute bit as archived: services may ship a binary or a script they run."""
 
 
 def _safe_relative_path(name: str) -> PurePosixPath:
@@ -85,6 +97,9 @@ class _Extraction:
             return
         with open_content() as content:
             self.write(target, content)
+        if entry.executable:
+            mode = target.stat().st_mode
+            target.chmod(mode | (mode & 0o444) >> 2)
 
     def write(self, target: Path, source: IO[bytes]) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -99,9 +114,15 @@ class _Extraction:
 def _extract_zip(source: BinaryIO, extraction: _Extraction) -> None:
     with zipfile.ZipFile(source) as archive:
         for info in archive.infolist():
-            if stat.S_ISLNK(info.external_attr >> 16):
+            mode = info.external_attr >> 16
+            if stat.S_ISLNK(mode):
                 raise ArchiveError(f"archive entry '{info.filename}' is a symbolic link")
-            entry = _Entry(info.filename, info.is_dir(), info.file_size)
+            if info.flag_bits & ENCRYPTED_FLAG:
+                raise ArchiveError(f"archive entry '{info.filename}' is encrypted")
+            if info.compress_type not in ZIP_METHODS:
+                raise ArchiveError(f"archive entry '{info.filename}' uses compression method {info.compress_type}, "
+                                   "which is not supported")
+            entry = _Entry(info.filename, info.is_dir(), info.file_size, bool(mode & stat.S_IXUSR))
             extraction.extract(entry, lambda info=info: archive.open(info))
 
 
@@ -111,7 +132,8 @@ def _extract_tar(source: BinaryIO, extraction: _Extraction) -> None:
             if not (member.isfile() or member.isdir()):
                 raise ArchiveError(f"archive entry '{member.name}' is a link or special file")
             extraction.extract(
-                _Entry(member.name, member.isdir(), member.size), lambda member=member: _tar_member(archive, member)
+                _Entry(member.name, member.isdir(), member.size, bool(member.mode & stat.S_IXUSR)),
+                lambda member=member: _tar_member(archive, member),
             )
 
 
@@ -145,5 +167,5 @@ def extract_archive(source: bytes | Path, destination: Path, limits: ArchiveLimi
             _extract_tar(stream, extraction)
     except ArchiveError:
         raise
-    except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, OSError, ValueError) as error:
+    except CORRUPT_ARCHIVE_ERRORS as error:
         raise ArchiveError(f"archive is corrupt or not a zip/tar file: {type(error).__name__}: {error}") from error

@@ -78,6 +78,12 @@ def _name(document: Mapping[str, Any], key: str, what: str, required: bool = Fal
     return None if value is None else checked_name(value, what, key)
 
 
+def _record_id(document: Mapping[str, Any], kind: str) -> str:
+    if document.get("_id") is None:
+        raise InvalidRecord(f"a {kind} record has no '_id'")
+    return str(document["_id"])
+
+
 def _identifier(document: Mapping[str, Any], key: str, what: str, required: bool = False) -> str | None:
     """An id field, stored by the platform as ObjectId or as its hex string."""
     value = document.get(key)
@@ -131,7 +137,7 @@ class JobRecord:
 
     @classmethod
     def from_document(cls, document: Mapping[str, Any]) -> JobRecord:
-        job_id = str(document["_id"])
+        job_id = _record_id(document, "job")
         what = f"job {job_id}"
         data = _field(document, "data", dict, what, required=True)
         function_name = _field(data, "function_name", str, what, required=True)
@@ -182,7 +188,7 @@ class ServiceRecord:
 
     @classmethod
     def from_document(cls, document: Mapping[str, Any]) -> ServiceRecord:
-        service_id = str(document["_id"])
+        service_id = _record_id(document, "service")
         what = f"service {service_id}"
         return cls(
             id=service_id,
@@ -205,7 +211,7 @@ class WorkerRecord:
 
     @classmethod
     def from_document(cls, document: Mapping[str, Any]) -> WorkerRecord:
-        worker_id = str(document["_id"])
+        worker_id = _record_id(document, "worker")
         what = f"worker {worker_id}"
         files = _field(document, "worker_files", dict, what, default={})
         return cls(
