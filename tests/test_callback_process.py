@@ -11,7 +11,7 @@ import pytest
 
 from flows.runtime.callback import Callback
 from flows.runtime.environments import environment_for
-from flows.runtime.errors import CallbackFailed, RunCancelled, UnknownWorkerType
+from flows.runtime.errors import CallbackFailed, InvalidRecord, RunCancelled, UnknownWorkerType
 from flows.runtime.records import WorkerRecord
 from flows.runtime.variables import SERVICE_PREFIX, callback_variables
 
@@ -78,6 +78,57 @@ def test_a_timeout_kills_the_whole_process_tree(tmp_path: Path) -> None:
         os.kill(int(pid_file.read_text()), 0)
 
 
+ESCAPING_CALLBACK = """
+import os, subprocess, time
+
+def run(pid_folder):
+    session_leader = subprocess.Popen(["sleep", "999"], start_new_session=True)
+    open(os.path.join(pid_folder, "setsid"), "w").write(str(session_leader.pid))
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            open(os.path.join(pid_folder, "daemon"), "w").write(str(os.getpid()))
+            time.sleep(999)
+        os._exit(0)
+    while len(os.listdir(pid_folder)) < 2:
+        time.sleep(0.05)
+    if {returns}:
+        return "left them running"
+    time.sleep(999)
+"""
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie waiting for its parent counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stream:
+            return stream.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("returns", [False, True], ids=["timed-out", "returned"])
+def test_processes_that_leave_the_callbacks_group_are_killed_with_it(tmp_path: Path, returns: bool) -> None:
+    pid_folder = tmp_path / "pids"
+    pid_folder.mkdir()
+    source = ESCAPING_CALLBACK.replace("{returns}", str(returns))
+
+    if returns:
+        run_module(tmp_path, source, pid_folder=str(pid_folder))
+    else:
+        with pytest.raises(CallbackFailed, match="timed out"):
+            run_module(tmp_path, source, timeout=3, pid_folder=str(pid_folder))
+
+    pids = [int(path.read_text()) for path in pid_folder.iterdir()]
+    assert len(pids) == 2
+    for pid in pids:
+        for _ in range(50):
+            if not running(pid):
+                break
+            time.sleep(0.1)
+        assert not running(pid), f"process {pid} outlived its callback"
+
+
 def test_a_stop_request_kills_the_callback_and_reports_a_cancellation(tmp_path: Path) -> None:
     source = "import time\ndef run():\n    time.sleep(300)\n"
     asked = []
@@ -105,4 +156,38 @@ def test_a_worker_of_an_unknown_type_is_refused_with_the_types_this_runtime_runs
                           worker_files={}, settings={})
 
     with pytest.raises(UnknownWorkerType, match="type 'kubernetes'; this runtime runs docker, venv, virtualenv"):
+        environment_for(worker)
+
+
+def test_a_venv_workers_limits_bound_each_callback_process(tmp_path: Path) -> None:
+    worker = WorkerRecord.from_document({
+        "_id": "65f0c0ffee0000000000abcd", "name": "bounded", "type": "venv",
+        "settings": {}, "path": "/", "venv_path": "", "venv_python_path": sys.executable,
+        "limits": {"memory": "400m", "open_files": 32},
+    })
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "callbacks.py").write_text(
+        "import resource\n"
+        "def limits():\n"
+        "    return [resource.getrlimit(resource.RLIMIT_AS)[0], resource.getrlimit(resource.RLIMIT_NOFILE)[0]]\n"
+        "def allocate():\n"
+        "    return len(bytearray(800 * 1024 * 1024))\n"
+    )
+
+    def call(function: str) -> object:
+        callback = Callback(module="callbacks", function=function, search_path=[str(package)])
+        return environment_for(worker).run(callback, tmp_path / function, callback_variables({}), 60,
+                                           lambda stream, line: None)
+
+    assert call("limits") == [400 * 1024**2, 32]
+    with pytest.raises(CallbackFailed, match="MemoryError"):
+        call("allocate")
+
+
+def test_a_limit_that_does_not_parse_names_the_field() -> None:
+    worker = WorkerRecord.from_document({"_id": "65f0c0ffee0000000000abcd", "name": "bounded", "type": "venv",
+                                         "limits": {"memory": "lots"}})
+
+    with pytest.raises(InvalidRecord, match=r"'limits\.memory' \(str\)"):
         environment_for(worker)

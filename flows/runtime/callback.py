@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,8 +45,9 @@ class Callback:
         return f"{self.module}.{self.function}"
 
 
-def write_invocation(folder: Path, callback: Callback) -> Path:
-    """Write the wrapper and the call description into `folder`; return the wrapper's path."""
+def write_invocation(folder: Path, callback: Callback, limits: Mapping[str, int] | None = None) -> Path:
+    """Write the wrapper and the call description into `folder`, with the resource limits the wrapper sets
+    (`resource` names such as RLIMIT_AS); return the wrapper's path."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     wrapper = folder / WRAPPER_NAME
     shutil.copyfile(WRAPPER_SOURCE, wrapper)
@@ -56,6 +57,7 @@ def write_invocation(folder: Path, callback: Callback) -> Path:
         "search_path": [str(path) for path in callback.search_path],
         "provider": callback.database_provider,
         "workspace": callback.workspace,
+        "limits": dict(limits or {}),
         "args": DBManager.to_json(list(callback.args), callback.database_provider),
         "kwargs": DBManager.to_json(callback.kwargs, callback.database_provider),
     }

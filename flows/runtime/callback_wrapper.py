@@ -18,6 +18,57 @@ import traceback
 
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 PARENT_CHECK_SECONDS = 0.5
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper():
+    """Adopt every orphaned descendant (a daemon that double-forks, a process that calls setsid), so that the
+    whole tree the callback starts stays below this process, where `descendants` finds it (Linux only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def descendants(pid):
+    """Every process below `pid` by parent links in /proc, whatever session or group it moved to (none where
+    there is no /proc)."""
+    children = {}
+    try:
+        names = [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return []
+    for name in names:
+        try:
+            with open("/proc/" + name + "/stat") as stream:
+                parent = int(stream.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(name))
+    found, waiting = [], [pid]
+    while waiting:
+        for child in children.get(waiting.pop(), []):
+            found.append(child)
+            waiting.append(child)
+    return found
+
+
+def kill_descendants():
+    for pid in descendants(os.getpid()):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def apply_limits(limits):
+    """The worker's resource limits (`resource` names such as RLIMIT_AS), set before the callback is imported."""
+    if not limits:
+        return
+    import resource
+
+    for name, value in limits.items():
+        resource.setrlimit(getattr(resource, name), (value, value))
 
 
 def end_with_parent(parent, workspace):
@@ -29,6 +80,7 @@ def end_with_parent(parent, workspace):
     for pid in others_in_process_group():
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
+    kill_descendants()
     if workspace:
         shutil.rmtree(workspace, ignore_errors=True)
     os.killpg(os.getpgrp(), signal.SIGKILL)
@@ -70,6 +122,7 @@ def decoder(provider):
 
 
 def call(invocation):
+    apply_limits(invocation.get("limits"))
     for folder in reversed(invocation["search_path"]):
         sys.path.insert(0, folder)
     decode = decoder(invocation["provider"])
@@ -97,6 +150,7 @@ def outcome_of(invocation):
 
 def main():
     parent = os.getppid()
+    become_subreaper()
     with open(os.path.join(FOLDER, "invocation.json")) as stream:
         invocation = json.load(stream)
     threading.Thread(target=end_with_parent, args=(parent, invocation.get("workspace")), daemon=True).start()
@@ -105,6 +159,7 @@ def main():
     with open(partial, "w") as stream:
         json.dump(outcome, stream)
     os.replace(partial, os.path.join(FOLDER, "result.json"))
+    kill_descendants()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from flows.runtime.callback_wrapper import descendants
+
 LineHandler = Callable[[str, str], None]
 """Called with the stream name ("stdout" or "stderr") and one line, as soon as the line is written."""
 
@@ -63,18 +65,44 @@ def send_signal(pid: int, signal_number: int, *, group: bool = False) -> bool:
     return True
 
 
+def _stop_escaped(pid: int) -> set[int]:
+    """Stop (SIGSTOP) every process below `pid` that left its process group (setsid, a daemon's double fork),
+    until no new one appears: a stopped process cannot start another, and is killed by pid after the group."""
+    stopped: set[int] = set()
+    while True:
+        escaped = {child for child in descendants(pid) if _group_of(child) not in (pid, None)} - stopped
+        if not escaped:
+            return stopped
+        for child in escaped:
+            send_signal(child, signal.SIGSTOP)
+        stopped |= escaped
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
 def kill_process_tree(process: subprocess.Popen[bytes], grace_seconds: float = GRACE_SECONDS) -> None:
-    """SIGTERM the child's process group, then SIGKILL whatever is still alive after the grace period."""
-    if not send_signal(process.pid, signal.SIGTERM, group=True):
-        process.wait()
-        return
-    deadline = time.monotonic() + grace_seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None and not send_signal(process.pid, 0, group=True):
+    """SIGTERM the child's process group, then SIGKILL whatever is still alive after the grace period; the
+    processes that left the group are found below the child (the callback wrapper adopts orphans) and killed."""
+    escaped = _stop_escaped(process.pid)
+    try:
+        if not send_signal(process.pid, signal.SIGTERM, group=True):
+            process.wait()
             return
-        time.sleep(0.05)
-    send_signal(process.pid, signal.SIGKILL, group=True)
-    process.wait()
+        deadline = time.monotonic() + grace_seconds
+        while time.monotonic() < deadline:
+            if process.poll() is not None and not send_signal(process.pid, 0, group=True):
+                return
+            time.sleep(0.05)
+        send_signal(process.pid, signal.SIGKILL, group=True)
+        process.wait()
+    finally:
+        for child in escaped:
+            send_signal(child, signal.SIGKILL)
 
 
 def run_child(

@@ -179,6 +179,10 @@ class Environment(ABC):
         """Per-run settings for the work pool's pool worker (none for the process pool)."""
         return {}
 
+    def process_limits(self) -> dict[str, int]:
+        """Resource limits of each callback process, by the `resource` module's names (none by default)."""
+        return {}
+
     def concurrency_tags(self) -> list[str]:
         """Tags of the execute task, so a Prefect tag concurrency limit can cap scarce resources."""
         return []
@@ -216,7 +220,7 @@ class Environment(ABC):
         should_stop: StopCheck | None = None,
     ) -> Any:
         """Run `callback` in a child process of this environment and return its value."""
-        wrapper = write_invocation(folder, callback)
+        wrapper = write_invocation(folder, callback, self.process_limits())
         child = run_child(
             [str(self.interpreter()), "-u", str(wrapper)], env=variables, cwd=folder,
             timeout_seconds=timeout_seconds, on_line=on_line, should_stop=should_stop,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,12 +13,45 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from flows.runtime.environments.base import Environment, InstallContext, WorkerSettings
 from flows.runtime.errors import InstallError
 
 SERVICE_PACKAGE = "dcm-processor-service"
+
+
+MEMORY_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+class ProcessLimits(BaseModel):
+    """Resource limits of each callback process of a venv worker (setrlimit, set by the callback wrapper before
+    the service is imported), as docker workers have theirs from `mem_limit`, `cpus` and the engine."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    memory: int | str | None = Field(
+        default=None, description="Address space of one callback process, in bytes or Docker's notation (512m, 2g)."
+    )
+    processes: PositiveInt | None = Field(
+        default=None, description="Processes the worker's user may run (RLIMIT_NPROC; the kernel ignores it for root)."
+    )
+    open_files: PositiveInt | None = Field(default=None, description="Open files of one callback process.")
+
+    @field_validator("memory")
+    @classmethod
+    def _memory_in_bytes(cls, value: int | str | None) -> int | None:
+        if value is None or isinstance(value, int):
+            return value
+        match = re.fullmatch(r"(\d+)\s*([bkmg]?)", value.strip().lower())
+        if match is None:
+            raise ValueError("must be a number of bytes or like 512m or 2g")
+        return int(match.group(1)) * MEMORY_UNITS[match.group(2)]
+
+    def resource_limits(self) -> dict[str, int]:
+        """The limits by the `resource` module's names, as the callback wrapper sets them."""
+        named = {"RLIMIT_AS": self.memory, "RLIMIT_NPROC": self.processes, "RLIMIT_NOFILE": self.open_files}
+        return {name: int(value) for name, value in named.items() if value is not None}
 
 
 class VenvSettings(WorkerSettings):
@@ -29,6 +63,7 @@ class VenvSettings(WorkerSettings):
     venv_python_path: str = Field(
         default="bin/python", description="The environment's Python, absolute or relative to `venv_path`."
     )
+    limits: ProcessLimits = Field(default_factory=ProcessLimits, description="Limits of each callback process.")
 
 
 class VenvEnvironment(Environment):
@@ -40,6 +75,9 @@ class VenvEnvironment(Environment):
 
     def interpreter(self) -> Path:
         return Path(self.settings.path or "/", self.settings.venv_path, self.settings.venv_python_path)
+
+    def process_limits(self) -> dict[str, int]:
+        return self.settings.limits.resource_limits()
 
     @classmethod
     def install(cls, context: InstallContext, settings: WorkerSettings) -> dict[str, Any]:
