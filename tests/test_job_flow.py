@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,10 @@ from prefect.client.schemas.filters import (
     FlowRunFilterId,
     TaskRunFilter,
 )
-from prefect.states import Cancelling
+from prefect.states import Cancelling, Pending
 
 from blocks.database import DcmDatabase
+from flows.runtime.names import JOB_FLOW, deployment
 from flows.runtime.variables import SERVICE_PREFIX
 from flows.submit import submit_job
 from ops.stack import StackState, process_alive
@@ -353,3 +356,29 @@ def test_what_a_service_prints_and_raises_about_its_patient_reaches_prefect_reda
     for secret in sensitive_values(database):
         assert secret.lower() not in text.lower(), secret
 
+
+
+def test_a_package_planted_in_a_shared_folder_is_never_imported_by_a_run(
+    platform: Platform, stack: StackState, tmp_path: Path
+) -> None:
+    marker = tmp_path / "planted-package-imported"
+    planted = Path(tempfile.gettempdir()) / "blocks"
+    assert not planted.exists(), f"{planted} exists already"
+    planted.mkdir()
+    (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    try:
+        job_id = platform.service_job(platform.service("planted", "def run(**kwargs):\n    return 'ok'\n"))
+        with get_client(sync_client=True) as client:
+            job_deployment = client.read_deployment_by_name(deployment(JOB_FLOW))
+            flow_run = client.create_flow_run_from_deployment(job_deployment.id, parameters={"job_id": job_id},
+                                                              state=Pending())
+        private = tmp_path / "run"
+        private.mkdir(mode=0o700)
+        # What a stock process worker does: a fresh engine process in a folder of its own.
+        subprocess.run([sys.executable, "-m", "prefect.engine"], cwd=private, timeout=180, check=False,
+                       env={**os.environ, "PREFECT__FLOW_RUN_ID": str(flow_run.id), "PREFECT_API_URL": stack.api_url})
+
+        assert not marker.exists(), "the run imported a package another local user could have planted"
+        assert finished(flow_run.id).state.is_completed()
+    finally:
+        shutil.rmtree(planted)
