@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from prefect.blocks.core import Block
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 HOME_VARIABLE = "DCM_FLOWS_HOME"
 
@@ -34,7 +34,10 @@ class WorkerHost(Block):
         default=None,
         description="Folder of wheels; when set, installs use only it (no index), also for Docker images.",
     )
-    index_url: str | None = Field(default=None, description="Package index to use instead of PyPI.")
+    index_url: SecretStr | None = Field(
+        default=None,
+        description="Package index to use instead of the machine's configured one; secret, as it may hold a password.",
+    )
     installer: Literal["auto", "uv", "pip"] = Field(
         default="auto",
         description="`uv pip` when available (auto), or plain pip; for venv workers and docker runtime layers.",

@@ -28,7 +28,7 @@ def host_settings(host: WorkerHost) -> HostSettings:
     return HostSettings(
         environments_folder=Path(host.environments_folder).expanduser(),
         wheelhouse=Path(host.wheelhouse).expanduser() if host.wheelhouse else None,
-        index_url=host.index_url,
+        index_url=host.index_url.get_secret_value() if host.index_url else None,
         installer=host.installer,
     )
 

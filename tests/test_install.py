@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import http.server
 import io
 import json
 import shutil
+import threading
 import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -342,3 +346,49 @@ def test_the_progress_view_shows_log_lines_and_titles_with_brackets_as_they_are(
     follow_run(flow_run.id, "installing [/x]", console=Console(file=screen, width=200))
 
     assert "[/usr/lib] copied [bold]" in screen.getvalue() and "installing [/x]" in screen.getvalue()
+
+
+@pytest.mark.parametrize("requirement", [
+    "--extra-index-url https://elsewhere.example/simple", "-i https://elsewhere.example/simple",
+    "--find-links=/srv/other-wheels", "six @ https://elsewhere.example/six.whl", "git+https://elsewhere.example/x",
+    "-r more.txt",
+])
+def test_with_a_wheelhouse_a_requirement_naming_another_source_is_refused_before_anything_is_built(
+    platform: Platform, environments: Path, tmp_path: Path, requirement: str
+) -> None:
+    wheelhouse = tmp_path / "wheelhouse"
+    wheelhouse.mkdir()
+    WorkerHost(environments_folder=str(environments), wheelhouse=str(wheelhouse)).save("air-gapped", overwrite=True)
+    folder = component(tmp_path / "sourced", "sourced", requirements=requirement,
+                       files={"more.txt": "--index-url https://elsewhere.example/simple\n"})
+
+    with pytest.raises(Exception, match="with a wheelhouse configured, installs use only the wheelhouse"):
+        install_component_flow(str(folder), host_block="air-gapped")
+
+    assert not any(environments.iterdir())
+    assert platform.manager.db.count("workers", {"name": "sourced"}) == 0
+
+
+def test_a_downloaded_component_is_installed_only_when_its_sha256_matches(
+    platform: Platform, environments: Path, tmp_path: Path
+) -> None:
+    folder = component(tmp_path / "served" / "hashed", "hashed")
+    manifest = json.loads((folder / "dcm-processor.json").read_text())
+    del manifest["worker"]
+    (folder / "dcm-processor.json").write_text(json.dumps(manifest))
+    archive = shutil.make_archive(str(tmp_path / "served" / "hashed"), "zip", folder.parent, "hashed")
+    digest = hashlib.sha256(Path(archive).read_bytes()).hexdigest()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "served"))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/hashed.zip"
+        try:
+            with pytest.raises(Exception, match="sha256 is not the one given"):
+                install_component_flow(f"{url}#sha256={'0' * 64}")
+            assert platform.manager.db.count("services", {"name": "hashed"}) == 0
+
+            install_component_flow(f"{url}#sha256={digest}")
+            assert "hashed" in [service["name"] for service in platform.manager.db.find("services", {})]
+        finally:
+            server.shutdown()
+            remove_component_flow("hashed")

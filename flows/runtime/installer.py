@@ -10,6 +10,7 @@ the records it created are removed again before the error is raised.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import tempfile
 import urllib.request
@@ -60,16 +61,27 @@ def fetched(source: str) -> Iterator[tuple[Path, Path]]:
         return
     with tempfile.TemporaryDirectory(prefix="dcm-component-") as temporary:
         if source.startswith(("http://", "https://")):
-            with urllib.request.urlopen(source, timeout=120) as response:
-                content = response.read(DOWNLOAD_LIMIT_BYTES + 1)
-            if len(content) > DOWNLOAD_LIMIT_BYTES:
-                raise InstallError(f"{source} is larger than {DOWNLOAD_LIMIT_BYTES} bytes")
-            extract_archive(content, Path(temporary))
+            extract_archive(_downloaded(source), Path(temporary))
         elif path.is_file():
             extract_archive(path, Path(temporary))
         else:
             raise InstallError(f"{source} is neither a folder, an archive nor an http(s) URL")
         yield _component_root(Path(temporary)), Path(temporary).resolve()
+
+
+def _downloaded(source: str) -> bytes:
+    """The archive at an http(s) URL; a `#sha256=<hex>` fragment (as pip writes it) is checked."""
+    url, _, fragment = source.partition("#")
+    expected = fragment.removeprefix("sha256=").lower() if fragment.startswith("sha256=") else None
+    if fragment and expected is None:
+        raise InstallError(f"{url}: the only fragment understood is #sha256=<hex digest>")
+    with urllib.request.urlopen(url, timeout=120) as response:
+        content = response.read(DOWNLOAD_LIMIT_BYTES + 1)
+    if len(content) > DOWNLOAD_LIMIT_BYTES:
+        raise InstallError(f"{url} is larger than {DOWNLOAD_LIMIT_BYTES} bytes")
+    if expected is not None and hashlib.sha256(content).hexdigest() != expected:
+        raise InstallError(f"{url}: the archive's sha256 is not the one given; nothing was installed")
+    return content
 
 
 def _component_root(folder: Path) -> Path:

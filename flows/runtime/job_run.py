@@ -133,7 +133,8 @@ class JobRun:
         if worker is not None and worker.data_file_id is not None:
             extract_archive(self.records.component_file(worker.data_file_id, f"data of worker '{worker.name}'"),
                             folders.data)
-        variables = callback_variables(service_variables(job, self.records.database), environment.extra_variables())
+        variables = callback_variables(service_variables(job, self.records.database), environment.extra_variables(),
+                                       whole_base=environment.inherits_whole_environment)
         prepared = PreparedJob(job, environment, workspace, folders, variables)
         self._run_scripts(prepared, "pre", environment.settings.pre_scripts, on_line)
         return prepared

@@ -21,6 +21,7 @@ from flows.runtime.errors import InstallError, InvalidRecord, UnknownWorkerType
 from flows.runtime.names import PROCESS_DEPLOYMENT, PROCESS_POOL
 from flows.runtime.process import LineHandler, StopCheck, run_child
 from flows.runtime.records import WorkerRecord
+from flows.runtime.variables import installer_variables
 
 ProgressHandler = Callable[[str, float], None]
 """Called with the name of an install step and how far the install has got, in percent."""
@@ -93,10 +94,10 @@ class HostSettings:
     installer: str = "auto"
 
     def package_source_arguments(self) -> list[str]:
+        """The wheelhouse as the only source; an index URL (which may hold a password) goes to the installer's
+        environment instead (variables.installer_variables), off the command lines other local users can read."""
         if self.wheelhouse is not None:
             return ["--no-index", "--find-links", str(self.wheelhouse)]
-        if self.index_url:
-            return ["--index-url", self.index_url]
         return []
 
 
@@ -129,7 +130,8 @@ class InstallContext:
                 output.append(line)
             self.on_line(stream, line)
 
-        child = run_child(command, env=dict(os.environ), cwd=self.folder, timeout_seconds=None, on_line=collect)
+        variables = installer_variables(self.host.index_url, wheelhouse_only=self.host.wheelhouse is not None)
+        child = run_child(command, env=variables, cwd=self.folder, timeout_seconds=None, on_line=collect)
         if child.returncode != 0:
             raise InstallError(f"{what} failed (exit code {child.returncode}); its output is in the run's logs")
         return output
@@ -150,6 +152,9 @@ class Environment(ABC):
     deployment: ClassVar[str] = PROCESS_DEPLOYMENT
     work_pool: ClassVar[str] = PROCESS_POOL
     runs_in_session: ClassVar[bool] = True
+    inherits_whole_environment: ClassVar[bool] = False
+    """Whether callbacks see all of the environment they run in (less the runtime's own settings), not only
+    the host basics that variables.host_variables lets through."""
 
     def __init__(self, worker: WorkerRecord | None) -> None:
         self.worker = worker

@@ -93,6 +93,9 @@ class DockerEnvironment(Environment):
     work_pool = DOCKER_POOL
     runs_in_session = False
 
+    inherits_whole_environment = True
+    """A callback runs in the worker's container, whose environment is its image's (and the run's)."""
+
     def interpreter(self) -> Path:
         return Path(self.settings.python_path or shutil.which("python3") or "/usr/bin/python3")
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from flows.runtime.environments.base import Environment, InstallContext, WorkerSettings
 from flows.runtime.errors import InstallError
+from flows.runtime.wheelhouse import refuse_other_package_sources
 
 SERVICE_PACKAGE = "dcm-processor-service"
 
@@ -83,6 +84,10 @@ class VenvEnvironment(Environment):
     def install(cls, context: InstallContext, settings: WorkerSettings) -> dict[str, Any]:
         """virtualenv with the Python that `python_version` asks for, then dcm-processor-service and the
         worker's requirements (uv when available, else pip), from the host's wheelhouse or index."""
+        requirements = context.folder / "requirements.txt"
+        has_requirements = requirements.is_file() and bool(requirements.read_text().strip())
+        if has_requirements and context.host.wheelhouse is not None:
+            refuse_other_package_sources(requirements, context.folder)
         interpreter, version = find_interpreter(settings.python_version)
         home = context.host.environments_folder / context.name
         if home.exists():  # an installed environment, in use until its replacement is complete
@@ -94,8 +99,7 @@ class VenvEnvironment(Environment):
         python = venv / "bin" / "python"
         context.progress("packages", 40)
         packages = [SERVICE_PACKAGE]
-        requirements = context.folder / "requirements.txt"
-        if requirements.is_file() and requirements.read_text().strip():
+        if has_requirements:
             packages += ["-r", str(requirements)]
         use_uv = context.host.installer != "pip" and importlib.util.find_spec("uv") is not None
         sources = context.host.package_source_arguments()
