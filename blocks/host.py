@@ -38,6 +38,12 @@ class WorkerHost(Block):
         default=None,
         description="Package index to use instead of the machine's configured one; secret, as it may hold a password.",
     )
+    container_network_modes: list[str] = Field(
+        default_factory=lambda: ["host", "bridge", "none"],
+        description="Network modes a docker worker's containers may use (never another container's, by default).",
+    )
+    allow_root_containers: bool = Field(default=False, description="Whether a docker worker may run as root.")
+    allow_host_ipc: bool = Field(default=False, description="Whether a docker worker may share the host's IPC.")
     installer: Literal["auto", "uv", "pip"] = Field(
         default="auto",
         description="`uv pip` when available (auto), or plain pip; for venv workers and docker runtime layers.",

@@ -17,7 +17,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from blocks.database import DcmDatabase
 from blocks.host import WorkerHost
 from flows.run_logs import line_logger
-from flows.runtime.environments import HostSettings
+from flows.runtime.environments import ContainerPolicy, HostSettings
 from flows.runtime.installer import ComponentInstaller
 from flows.runtime.names import DEFAULT_BLOCK, INSTALL_FLOW, REMOVE_FLOW
 from flows.runtime.platform_records import PlatformRecords
@@ -30,6 +30,10 @@ def host_settings(host: WorkerHost) -> HostSettings:
         wheelhouse=Path(host.wheelhouse).expanduser() if host.wheelhouse else None,
         index_url=host.index_url.get_secret_value() if host.index_url else None,
         installer=host.installer,
+        container_policy=ContainerPolicy(
+            network_modes=tuple(host.container_network_modes), allow_root=host.allow_root_containers,
+            allow_host_ipc=host.allow_host_ipc,
+        ),
     )
 
 

@@ -65,6 +65,9 @@ them imported when it started in a fresh engine process."""
 
 STANDARD_STREAMS = (0, 1, 2)
 LENGTH = struct.Struct("!I")
+PEER_CREDENTIALS = struct.Struct("3i")
+"""struct ucred: pid, uid, gid."""
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
 CLIENT_GONE_CHECK_SECONDS = 1.0
 REQUEST_TIMEOUT_SECONDS = 5.0
 
@@ -82,35 +85,60 @@ class RunRequest:
                               "environment": self.environment}).encode()
         return LENGTH.pack(len(payload)) + payload
 
-    @classmethod
-    def receive(cls, connection: socket.socket) -> tuple[RunRequest, list[int]]:
-        """Read one request and the standard streams that came with it (as file descriptors)."""
+
+
+class PendingRequest:
+    """A client's request as it arrives: read whenever the socket has data, so a slow or silent client holds up
+    nobody (the warm engine serves every connection from one loop)."""
+
+    def __init__(self, connection: socket.socket) -> None:
+        self.connection = connection
+        self.deadline = time.monotonic() + REQUEST_TIMEOUT_SECONDS
+        self.data = b""
+        self.streams: list[int] = []
+
+    def read(self) -> RunRequest | None:
+        """Take what has arrived; the request once it is whole. ValueError for a malformed or cut-off one."""
         descriptors = array.array("i")
         room = socket.CMSG_SPACE(len(STANDARD_STREAMS) * descriptors.itemsize)
-        data, ancillary, _, _ = connection.recvmsg(65536, room)
+        data, ancillary, _, _ = self.connection.recvmsg(65536, room)
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 descriptors.frombytes(payload[: len(payload) - len(payload) % descriptors.itemsize])
+        self.streams += list(descriptors)
+        if not data:
+            raise ValueError("the request ended early")
+        self.data += data
+        if len(self.data) < LENGTH.size:
+            return None
+        (length,) = LENGTH.unpack_from(self.data)
+        if length > MAX_REQUEST_BYTES:
+            raise ValueError("the request is too long")
+        if len(self.data) < LENGTH.size + length:
+            return None
+        if len(self.streams) != len(STANDARD_STREAMS):
+            raise ValueError("a request carries the three standard streams")
         try:
-            if len(data) < LENGTH.size or len(descriptors) != len(STANDARD_STREAMS):
-                raise ValueError("a request starts with its length and carries the three standard streams")
-            (length,) = LENGTH.unpack_from(data)
-            while len(data) < LENGTH.size + length:
-                chunk = connection.recv(65536)
-                if not chunk:
-                    raise ValueError("the request ended early")
-                data += chunk
-            fields = json.loads(data[LENGTH.size:LENGTH.size + length])
-            return cls(fields["executable"], fields["working_folder"], dict(fields["environment"])), list(descriptors)
-        except (ValueError, KeyError, TypeError):
-            for descriptor in descriptors:
-                os.close(descriptor)
-            raise
+            fields = json.loads(self.data[LENGTH.size:LENGTH.size + length])
+            return RunRequest(fields["executable"], fields["working_folder"], dict(fields["environment"]))
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"the request lacks {error}") from error
+
+    def give_up(self, reason: str) -> None:
+        """Tell the client to start a fresh engine itself, and let go of what it handed over."""
+        _refuse(self.connection, reason, self.streams)
+
+
+def peer_user(connection: socket.socket) -> int:
+    """The uid of the process at the other end of a Unix socket, as the kernel saw it connect (SO_PEERCRED)."""
+    credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEER_CREDENTIALS.size)
+    _, uid, _ = PEER_CREDENTIALS.unpack(credentials)
+    return int(uid)
 
 
 def run_flow_run() -> NoReturn:
     """The job command: run this process's flow run in the warm engine, or be `python -m prefect.engine`."""
-    connection = _connect(os.environ.get(SOCKET_VARIABLE, ""))
+    connection = connect_to_warm_engine(os.environ.get(SOCKET_VARIABLE, ""))
     if connection is None:
         _become_a_fresh_engine()
     replies = connection.makefile("r")
@@ -126,16 +154,20 @@ def _become_a_fresh_engine() -> NoReturn:
     os.execv(sys.executable, [sys.executable, "-m", "prefect.engine"])
 
 
-def _connect(path: str) -> socket.socket | None:
+def connect_to_warm_engine(path: str) -> socket.socket | None:
+    """A connection to the warm engine at `path`, when one of this user listens there: the request hands over
+    the run's environment (its Prefect credentials) and standard streams."""
     if not path:
         return None
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         connection.connect(path)
+        if peer_user(connection) == os.getuid():
+            return connection
     except OSError:
-        connection.close()
-        return None
-    return connection
+        pass
+    connection.close()
+    return None
 
 
 def _hand_over(connection: socket.socket, replies: TextIO) -> int | None:
@@ -216,10 +248,14 @@ class WarmEngine:
     """Listens on one Unix socket, forks a flow-run process per request and reports how each exited."""
 
     def __init__(self, socket_path: Path) -> None:
+        import selectors
+
         self.socket_path = socket_path
         self.runs: dict[int, socket.socket] = {}
+        self.pending: dict[socket.socket, PendingRequest] = {}
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.wakeup_reader, self.wakeup_writer = os.pipe()
+        self.selector = selectors.DefaultSelector()
 
     def serve_forever(self) -> None:
         """Serve until killed. A forked run leaves this method by raising SystemExit when it ends."""
@@ -238,29 +274,58 @@ class WarmEngine:
         os.set_blocking(self.wakeup_writer, False)
         signal.set_wakeup_fd(self.wakeup_writer)
         signal.signal(signal.SIGCHLD, lambda _signal_number, _frame: None)
-        selector = selectors.DefaultSelector()
-        selector.register(self.listener, selectors.EVENT_READ)
-        selector.register(self.wakeup_reader, selectors.EVENT_READ)
+        self.selector.register(self.listener, selectors.EVENT_READ)
+        self.selector.register(self.wakeup_reader, selectors.EVENT_READ)
         while True:
-            for key, _ in selector.select():
+            for key, _ in self.selector.select(timeout=REQUEST_TIMEOUT_SECONDS / 5):
                 if key.fileobj is self.listener:
                     self._accept()
-                else:
+                elif key.fileobj == self.wakeup_reader:
                     os.read(self.wakeup_reader, 4096)
                     self._reap()
+                else:
+                    self._read(self.pending[key.fileobj])  # type: ignore[index]
+            self._drop_late_requests()
 
     def _accept(self) -> None:
+        """Take a connection of this user's (another user's would hand over its own identity to run as ours),
+        and read its request as it arrives."""
+        import selectors
+
         connection, _ = self.listener.accept()
-        connection.settimeout(REQUEST_TIMEOUT_SECONDS)
+        if peer_user(connection) != os.getuid():
+            _refuse(connection, "another-user", [])
+            return
+        connection.setblocking(False)
+        self.pending[connection] = PendingRequest(connection)
+        self.selector.register(connection, selectors.EVENT_READ)
+
+    def _read(self, pending: PendingRequest) -> None:
         try:
-            request, streams = RunRequest.receive(connection)
+            request = pending.read()
         except (OSError, ValueError) as error:
-            _refuse(connection, type(error).__name__, [])
+            self._forget(pending).give_up(type(error).__name__)
             return
+        if request is None:
+            return
+        self._forget(pending)
         if request.executable != sys.executable:
-            _refuse(connection, "another-interpreter", streams)
+            pending.give_up("another-interpreter")
             return
-        connection.settimeout(None)
+        self._start(pending.connection, request, pending.streams)
+
+    def _forget(self, pending: PendingRequest) -> PendingRequest:
+        self.selector.unregister(pending.connection)
+        del self.pending[pending.connection]
+        return pending
+
+    def _drop_late_requests(self) -> None:
+        now = time.monotonic()
+        for pending in [pending for pending in self.pending.values() if pending.deadline < now]:
+            self._forget(pending).give_up("timeout")
+
+    def _start(self, connection: socket.socket, request: RunRequest, streams: list[int]) -> None:
+        connection.setblocking(True)
         pid = os.fork()
         if pid == 0:
             self._become_the_run(connection, request, streams)
@@ -286,8 +351,12 @@ class WarmEngine:
         """In the forked child: drop the server's resources, take the client's process identity, run."""
         gc.enable()
         signal.set_wakeup_fd(-1)
-        for resource in (self.listener, *self.runs.values()):
+        self.selector.close()
+        for resource in (self.listener, *self.runs.values(), *self.pending):
             resource.close()
+        for pending in self.pending.values():
+            for stream in pending.streams:
+                os.close(stream)
         os.close(self.wakeup_reader)
         os.close(self.wakeup_writer)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)

@@ -23,7 +23,7 @@ from rich.console import Console
 
 from blocks.database import DcmDatabase
 from blocks.host import WorkerHost
-from flows.install import install_component_flow, remove_component_flow
+from flows.install import host_settings, install_component_flow, remove_component_flow
 from flows.runtime.environments.docker import WORKER_LABEL
 from flows.runtime.names import INSTALL_FLOW, deployment
 from flows.submit import submit_job
@@ -303,17 +303,16 @@ def test_a_component_or_worker_name_that_is_not_a_plain_name_is_refused_before_a
     worker_name = name if named == "worker" else "plain-worker"
     folder = component(tmp_path / "hostile", name if named == "component" else "plain-component",
                        worker={"name": worker_name, "params": {}, "python_version": "3.11"})
-    around = environments.parent
-    before = sorted(path.name for path in around.iterdir())
+    around, inside = environments.parent, environments
+    before = [sorted(path.name for path in folder.iterdir()) for folder in (around, inside)]
     files = component_files(platform)
 
     with pytest.raises(Exception, match="letters, digits"):
         install_component_flow(str(folder))
 
-    assert sorted(path.name for path in around.iterdir()) == before
-    assert not any(environments.iterdir())
+    assert [sorted(path.name for path in folder.iterdir()) for folder in (around, inside)] == before
     assert component_files(platform) == files
-    assert platform.manager.db.count("workers", {"name": worker_name}) == 0
+    assert platform.manager.db.count("workers", {"query": {"name": worker_name}}) == 0
 
 
 def test_a_service_whose_name_differs_only_in_case_from_an_installed_one_is_refused(
@@ -361,12 +360,13 @@ def test_with_a_wheelhouse_a_requirement_naming_another_source_is_refused_before
     WorkerHost(environments_folder=str(environments), wheelhouse=str(wheelhouse)).save("air-gapped", overwrite=True)
     folder = component(tmp_path / "sourced", "sourced", requirements=requirement,
                        files={"more.txt": "--index-url https://elsewhere.example/simple\n"})
+    before = sorted(path.name for path in environments.iterdir())
 
     with pytest.raises(Exception, match="with a wheelhouse configured, installs use only the wheelhouse"):
         install_component_flow(str(folder), host_block="air-gapped")
 
-    assert not any(environments.iterdir())
-    assert platform.manager.db.count("workers", {"name": "sourced"}) == 0
+    assert sorted(path.name for path in environments.iterdir()) == before
+    assert platform.manager.db.count("workers", {"query": {"name": "sourced"}}) == 0
 
 
 def test_a_downloaded_component_is_installed_only_when_its_sha256_matches(
@@ -385,10 +385,38 @@ def test_a_downloaded_component_is_installed_only_when_its_sha256_matches(
         try:
             with pytest.raises(Exception, match="sha256 is not the one given"):
                 install_component_flow(f"{url}#sha256={'0' * 64}")
-            assert platform.manager.db.count("services", {"name": "hashed"}) == 0
+            assert platform.manager.db.count("services", {"query": {"name": "hashed"}}) == 0
 
             install_component_flow(f"{url}#sha256={digest}")
             assert "hashed" in [service["name"] for service in platform.manager.db.find("services", {})]
         finally:
             server.shutdown()
             remove_component_flow("hashed")
+
+
+@pytest.mark.parametrize(("asked", "refused"), [
+    ({"user": "0"}, "does not allow user '0' \\(root\\)"),
+    ({"user": "root:root"}, "does not allow user 'root:root' \\(root\\)"),
+    ({"network_mode": "container:database"}, "does not allow network_mode 'container:database'"),
+    ({"params": {"run_kwargs": {"ipc_mode": "host"}}}, "does not allow params.run_kwargs.ipc_mode 'host'"),
+    ({"params": {"run_kwargs": {"environment": {"PREFECT_API_URL": "http://elsewhere/api"}}}},
+     "may not set PREFECT_API_URL"),
+    ({"params": {"run_kwargs": {"environment": {"DCM_DB_URL": "mongodb://elsewhere"}}}}, "may not set DCM_DB_URL"),
+])
+def test_a_docker_worker_asking_for_more_than_the_hosts_policy_allows_is_refused_naming_the_setting(
+    platform: Platform, environments: Path, tmp_path: Path, asked: dict, refused: str
+) -> None:
+    folder = component(tmp_path / "greedy", "greedy", worker={"name": "greedy", "build": "Dockerfile", **asked},
+                       files={"Dockerfile": "FROM scratch\n"})
+
+    with pytest.raises(Exception, match=refused):
+        install_component_flow(str(folder))
+
+    assert platform.manager.db.count("workers", {"query": {"name": "greedy"}}) == 0
+
+
+def test_a_host_may_allow_root_containers_in_its_policy(environments: Path) -> None:
+    policy = host_settings(WorkerHost(environments_folder=str(environments), allow_root_containers=True,
+                                      container_network_modes=["bridge"])).container_policy
+
+    assert policy.allow_root and policy.network_modes == ("bridge",) and not policy.allow_host_ipc

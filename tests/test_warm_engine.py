@@ -3,19 +3,30 @@ Prefect and the flows, behave to the worker as the process it started, and fall 
 
 from __future__ import annotations
 
+import array
 import os
+import shutil
 import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import prefect.client.orchestration as orchestration
 import pytest
 from prefect.client.orchestration import SyncPrefectClient
 
 from ops.stack import LocalStack, StackState, process_alive
-from ops.warm_engine import share_tls_contexts_between_prefect_clients
+from ops.warm_engine import RunRequest, connect_to_warm_engine, share_tls_contexts_between_prefect_clients
 from tests.conftest import SleeperRun, eventually, finished, read_flow_run
 from tests.platform import Platform, job_folder_of, parent_of
+
+NOBODY = 65534
 
 
 def job_command_of(flow_run_id: object) -> int:
@@ -89,3 +100,92 @@ def test_prefect_clients_share_one_verifying_tls_context_and_build_insecure_ones
 
     assert tls_context_of(SyncPrefectClient(api)) is tls_context_of(SyncPrefectClient(api))
     assert orchestration.ssl.create_default_context() is not orchestration.ssl.create_default_context()
+
+
+def test_silent_clients_do_not_hold_up_the_runs_of_others(
+    start_sleeper: Callable[..., SleeperRun], stack: StackState, local_stack: LocalStack
+) -> None:
+    silent = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(20)]
+    try:
+        for connection in silent:
+            connection.connect(str(local_stack.warm_engine_socket))
+        asked = time.monotonic()
+        sleeper = start_sleeper(sleep=1)
+
+        assert time.monotonic() - asked < 30, "a run waited behind clients that sent nothing"
+        assert parent_of(parent_of(sleeper.callback)) == stack.processes["warm-engine"]
+    finally:
+        for connection in silent:
+            connection.close()
+
+
+def as_another_user(action: Callable[[], bool]) -> bool:
+    """`action()` in a forked child that has become `nobody`; whether it returned True. The child never returns
+    into the test run, however `action` ends."""
+    pid = os.fork()
+    if pid == 0:
+        code = 2
+        try:
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            code = 0 if action() else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.fixture
+def shared_folder() -> Iterator[Path]:
+    """A folder every local user can reach (pytest's own temporary folders are the test user's alone)."""
+    folder = Path(tempfile.mkdtemp(prefix="dcm-shared-"))
+    folder.chmod(0o777)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_warm_engine_refuses_a_client_of_another_user(shared_folder: Path) -> None:
+    socket_path = shared_folder / "engine.sock"
+    engine = subprocess.Popen([sys.executable, "-m", "ops.warm_engine", "serve", str(socket_path)])
+    try:
+        eventually(socket_path.exists, timeout=60)
+        socket_path.chmod(0o666)  # as if the operator had loosened it: the check must not rest on the mode alone
+        request = RunRequest(sys.executable, "/", {"PATH": "/usr/bin"}).encode()
+
+        def ask() -> bool:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+                connection.connect(str(socket_path))
+                streams = array.array("i", (0, 1, 2))
+                connection.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, streams.tobytes())])
+                return connection.makefile("r").readline().startswith("refused another-user")
+
+        assert as_another_user(ask)
+    finally:
+        engine.kill()
+        engine.wait()
+
+
+def test_the_job_command_hands_nothing_to_a_socket_of_another_user(shared_folder: Path) -> None:
+    socket_path = shared_folder / "engine.sock"
+    listening, finished_with = os.pipe(), os.pipe()
+
+    def listen() -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(str(socket_path))
+            os.chmod(socket_path, 0o666)
+            listener.listen(1)
+            os.write(listening[1], b"x")
+            os.read(finished_with[0], 1)
+        return True
+
+    thread = threading.Thread(target=as_another_user, args=(listen,))
+    thread.start()
+    try:
+        assert os.read(listening[0], 1) == b"x"
+
+        assert connect_to_warm_engine(str(socket_path)) is None
+    finally:
+        os.write(finished_with[1], b"x")
+        thread.join(30)

@@ -5,7 +5,14 @@ Adding a type means adding its module and one line to `ENVIRONMENT_TYPES`.
 
 from __future__ import annotations
 
-from flows.runtime.environments.base import Environment, HostSettings, InstallContext, JobFolders, WorkerSettings
+from flows.runtime.environments.base import (
+    ContainerPolicy,
+    Environment,
+    HostSettings,
+    InstallContext,
+    JobFolders,
+    WorkerSettings,
+)
 from flows.runtime.environments.docker import DockerEnvironment
 from flows.runtime.environments.local import LocalEnvironment
 from flows.runtime.environments.venv import VenvEnvironment
@@ -39,7 +46,7 @@ def environment_of_job(job: JobRecord, records: PlatformRecords) -> Environment:
 
 
 __all__ = [
-    "ENVIRONMENT_TYPES", "DockerEnvironment", "Environment", "HostSettings", "InstallContext", "JobFolders",
-    "LocalEnvironment", "VenvEnvironment", "WorkerSettings", "environment_class", "environment_for",
+    "ENVIRONMENT_TYPES", "ContainerPolicy", "DockerEnvironment", "Environment", "HostSettings", "InstallContext",
+    "JobFolders", "LocalEnvironment", "VenvEnvironment", "WorkerSettings", "environment_class", "environment_for",
     "environment_of_job",
 ]

@@ -85,13 +85,25 @@ class JobFolders:
 
 
 @dataclass(frozen=True)
+class ContainerPolicy:
+    """What this host lets a docker worker's containers do; more than this fails the install, naming the setting
+    (see blocks.host.WorkerHost)."""
+
+    network_modes: tuple[str, ...] = ("host", "bridge", "none")
+    allow_root: bool = False
+    allow_host_ipc: bool = False
+
+
+@dataclass(frozen=True)
 class HostSettings:
-    """Where this host builds environments and where packages come from (see blocks.host.WorkerHost)."""
+    """Where this host builds environments, where packages come from, and what containers may do (see
+    blocks.host.WorkerHost)."""
 
     environments_folder: Path
     wheelhouse: Path | None = None
     index_url: str | None = None
     installer: str = "auto"
+    container_policy: ContainerPolicy = ContainerPolicy()
 
     def package_source_arguments(self) -> list[str]:
         """The wheelhouse as the only source; an index URL (which may hold a password) goes to the installer's

@@ -21,13 +21,19 @@ import tarfile
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from flows.runtime.environments.base import Environment, InstallContext, JobFolders, WorkerSettings
+from flows.runtime.environments.base import (
+    ContainerPolicy,
+    Environment,
+    InstallContext,
+    JobFolders,
+    WorkerSettings,
+)
 from flows.runtime.errors import InstallError, InvalidRecord
 from flows.runtime.names import DOCKER_DEPLOYMENT, DOCKER_POOL, JOB_FLOW, deployment
 from flows.runtime.redaction import SHOW_UIDS_VARIABLE, show_uids
-from flows.runtime.variables import flow_run_variables
+from flows.runtime.variables import WITHHELD_PREFIXES, flow_run_variables
 from flows.runtime.wheelhouse import build_wheelhouse
 
 RUNTIME_VENV = "/opt/dcm-flows"
@@ -54,7 +60,9 @@ class DockerParameters(BaseModel):
 
 
 class DockerSettings(WorkerSettings):
-    """A docker worker's settings: how its image is made, laid out and run."""
+    """A docker worker's settings: how its image is made, laid out and run. What the container may do beyond
+    that (root, host IPC, another container's network) is the host's to allow (ContainerPolicy), not the
+    component's."""
 
     image: str | None = Field(default=None, description="The worker's image (found or pulled at install); then its id.")
     build: str | None = Field(default=None, description="A Dockerfile in the worker folder, built at install.")
@@ -72,6 +80,32 @@ class DockerSettings(WorkerSettings):
     network_mode: str = Field(default="host", description="The container's network; host reaches what the host can.")
     python_path: str | None = Field(default=None, description="The callbacks' Python (default: the image's python3).")
     image_pull_policy: str = Field(default="IfNotPresent", description="When the pool worker pulls the image.")
+
+    @field_validator("params")
+    @classmethod
+    def _no_runtime_settings(cls, params: DockerParameters) -> DockerParameters:
+        """A record must not set the run's Prefect, database or runtime settings: its environment is merged into
+        the container's last, and is stored with each flow run."""
+        environment = params.run_kwargs.get("environment") or {}
+        if not isinstance(environment, dict):
+            raise ValueError("run_kwargs.environment must map names to values")
+        taken = sorted(str(name) for name in environment if str(name).startswith(WITHHELD_PREFIXES))
+        if taken:
+            raise ValueError(f"run_kwargs.environment may not set {', '.join(taken)} (the runtime's own settings)")
+        return params
+
+
+def refuse_beyond_policy(policy: ContainerPolicy, name: str, settings: DockerSettings) -> None:
+    """InstallError naming the first setting of a docker worker that the host's policy does not allow."""
+    refused = f"docker worker '{name}': this host's policy (the dcm-worker-host block) does not allow"
+    if settings.network_mode not in policy.network_modes:
+        raise InstallError(f"{refused} network_mode '{settings.network_mode}' (allowed: "
+                           f"{', '.join(policy.network_modes)})")
+    if not policy.allow_root and settings.user.split(":", 1)[0].strip() in ("0", "root", ""):
+        raise InstallError(f"{refused} user '{settings.user}' (root)")
+    ipc_mode = str(settings.params.run_kwargs.get("ipc_mode") or "")
+    if not policy.allow_host_ipc and ipc_mode.startswith(("host", "container:")):
+        raise InstallError(f"{refused} params.run_kwargs.ipc_mode '{ipc_mode}'")
 
 
 def _docker_client() -> Any:
@@ -124,6 +158,7 @@ class DockerEnvironment(Environment):
     def install(cls, context: InstallContext, settings: WorkerSettings) -> dict[str, Any]:
         """Build the worker's Dockerfile (or take its `image`), then add this runtime on top of it."""
         assert isinstance(settings, DockerSettings)
+        refuse_beyond_policy(context.host.container_policy, context.name, settings)
         client = _docker_client()
         labels = {WORKER_LABEL: context.name}
         if settings.build:
