@@ -8,10 +8,16 @@ and the work pools.
 
 from __future__ import annotations
 
+import base64
+import http.server
+import json
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID
@@ -92,6 +98,57 @@ def render(chromium: str, url: str, output: Path, height: int) -> None:
         )
 
 
+class SignedInProxy(http.server.ThreadingHTTPServer):
+    """The stack's UI and API as a signed-in browser sees them: each request gets the stack's credentials, and
+    the UI's settings point its API calls here and ask for no login (headless Chromium cannot type one in)."""
+
+    def __init__(self, server_url: str, auth: str) -> None:
+        self.server_url = server_url.rstrip("/")
+        self.authorization = "Basic " + base64.b64encode(auth.encode()).decode()
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+    server: SignedInProxy
+
+    def do_GET(self) -> None:
+        self._forward()
+
+    def do_POST(self) -> None:
+        self._forward()
+
+    def do_PATCH(self) -> None:
+        self._forward()
+
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
+        request = urllib.request.Request(self.server.server_url + self.path, data=body, method=self.command)
+        for name in ("Content-Type", "Accept"):
+            if self.headers.get(name):
+                request.add_header(name, self.headers[name])
+        request.add_header("Authorization", self.server.authorization)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                status, headers, content = response.status, response.headers, response.read()
+        except urllib.error.HTTPError as error:
+            status, headers, content = error.code, error.headers, error.read()
+        if self.path.split("?")[0].endswith("/ui-settings"):
+            settings = {**json.loads(content), "auth": None, "api_url": f"{self.server.url}/api"}
+            content = json.dumps(settings).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", headers.get("Content-Type", "application/octet-stream"))
+        self.send_header("Content-Length", str(len(content)))
+        self.end_headers()
+        self.wfile.write(content)
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet: Chromium loads many files."""
+
+
 def main() -> int:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -106,9 +163,12 @@ def main() -> int:
             run_demo(stack)
             wanted = pictures(client)
     IMAGES.mkdir(parents=True, exist_ok=True)
-    for picture in wanted:
-        render(chromium, state.ui_url + picture.path, IMAGES / picture.file, picture.height)
-        print(f"{IMAGES / picture.file}  <-  {state.ui_url}{picture.path}")
+    with SignedInProxy(state.ui_url, stack.api_auth()) as proxy:
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        for picture in wanted:
+            render(chromium, proxy.url + picture.path, IMAGES / picture.file, picture.height)
+            print(f"{IMAGES / picture.file}  <-  {state.ui_url}{picture.path}")
+        proxy.shutdown()
     return 0
 
 

@@ -41,7 +41,10 @@ def stack_start(arguments: argparse.Namespace) -> int:
     state = _stack(arguments).start()
     print(f"database     {state.database_url}\nPrefect API  {state.api_url}\nPrefect UI   {state.ui_url}")
     print(f"logs         {_stack(arguments).logs}")
-    print(f"Use it from a shell: export PREFECT_API_URL={state.api_url}")
+    stack = _stack(arguments)
+    print(f"Use it from a shell: export PREFECT_API_URL={state.api_url} "
+          f"PREFECT_API_AUTH_STRING=\"$(cat {stack.api_auth_file})\"")
+    print(f"The UI asks once for a password: the whole contents of {stack.api_auth_file}")
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -28,7 +29,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import docker
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 from pydantic import SecretStr
 
 from blocks.database import ENVIRONMENT_NAME, ENVIRONMENT_PROVIDER, ENVIRONMENT_URL, DcmDatabase
@@ -134,13 +135,36 @@ class StackState:
 
 
 class LocalStack:
-    """Starts, describes and stops the embedded services below one home folder."""
+    """Starts, describes and stops the embedded services below one home folder.
+
+    Its Prefect API asks every request for the stack's secret (Prefect's own API authentication): whoever can
+    create a run of `dcm-install-component` runs code as the workers' user, so another local user must not
+    reach the API. The secret lives in `api-auth` in the home folder, readable by its owner only; the stack's
+    server, workers, runs and this project's CLI are given it.
+    """
 
     def __init__(self, home: Path | None = None) -> None:
         self.home = (home or home_folder()).resolve()
         self.state_file = self.home / "stack.json"
         self.logs = self.home / "logs"
         self.warm_engine_socket = self.home / "warm-engine.sock"
+        self.api_auth_file = self.home / "api-auth"
+
+    def api_auth(self) -> str:
+        """The API's `user:password` (Prefect's auth string), made on first use; a file others could read is
+        refused rather than used."""
+        try:
+            if self.api_auth_file.stat().st_mode & 0o077:
+                raise PermissionError(f"{self.api_auth_file} is readable by others: `chmod 600` it (and consider "
+                                      "the secret known: delete the file and restart the stack for a new one)")
+            return self.api_auth_file.read_text().strip()
+        except FileNotFoundError:
+            self.home.mkdir(parents=True, exist_ok=True)
+            secret = f"dcm-flows:{secrets.token_urlsafe(32)}"
+            descriptor = os.open(self.api_auth_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as stream:
+                stream.write(secret)
+            return secret
 
     def state(self) -> StackState | None:
         if not self.state_file.exists():
@@ -177,6 +201,7 @@ class LocalStack:
             "PREFECT_UI_ENABLED": "true",
             "PREFECT_WORKER_QUERY_SECONDS": "1",
             "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.5",
+            "PREFECT_API_AUTH_STRING": self.api_auth(),
         }
         if api_url:
             environment["PREFECT_API_URL"] = api_url
@@ -237,7 +262,8 @@ class LocalStack:
         port = str(urlsplit(state.api_url).port)
         self._spawn(state, "prefect-server", [
             sys.executable, "-m", "ops.prefect_server", "--host", "127.0.0.1", "--port", port,
-        ], {**self._prefect_environment(), "PREFECT_UI_API_URL": state.api_url})
+        ], {**self._prefect_environment(), "PREFECT_UI_API_URL": state.api_url,
+            "PREFECT_SERVER_API_AUTH_STRING": self.api_auth()})
 
     def _wait_for_server(self, state: StackState) -> None:
         _wait("Prefect server", lambda: _http_ok(f"{state.api_url}/health"), self.logs / "prefect-server.log")
@@ -306,7 +332,7 @@ class LocalStack:
         context; processes started from here get it through the environment.
         """
         os.environ.update({**self._prefect_environment(state.api_url), **state.environment()})
-        with temporary_settings(updates={PREFECT_API_URL: state.api_url}):
+        with temporary_settings(updates={PREFECT_API_URL: state.api_url, PREFECT_API_AUTH_STRING: self.api_auth()}):
             yield
 
     def _save(self, state: StackState) -> None:
