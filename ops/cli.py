@@ -29,10 +29,10 @@ def _stack(arguments: argparse.Namespace) -> LocalStack:
 
 
 def _connected(arguments: argparse.Namespace) -> contextlib.AbstractContextManager[None]:
-    """Point this process at the local stack when it runs and no Prefect API is configured."""
+    """Point this process at the local stack when it runs and no other Prefect API is configured."""
     stack = _stack(arguments)
     state = stack.state()
-    if state is not None and "PREFECT_API_URL" not in os.environ:
+    if state is not None and os.environ.get("PREFECT_API_URL", state.api_url) == state.api_url:
         return stack.connected(state)
     return contextlib.nullcontext()
 

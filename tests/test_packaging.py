@@ -65,9 +65,10 @@ def test_an_installed_wheel_starts_its_stack_deploys_from_prefect_yaml_alone_and
     package = run([str(bin_folder / "python"), "-c", "import flows, ops, blocks; print(flows.__file__, ops.__file__)"],
                   elsewhere, environment)
     run([str(bin_folder / "dcm-flows"), "stack", "start"], elsewhere, environment)
-    state = LocalStack(Path(environment["DCM_FLOWS_HOME"])).state()
+    stack = LocalStack(Path(environment["DCM_FLOWS_HOME"]))
+    state = stack.state()
     assert state is not None
-    prefect = {**environment, "PREFECT_API_URL": state.api_url}
+    prefect = {**environment, "PREFECT_API_URL": state.api_url, "PREFECT_API_AUTH_STRING": stack.api_auth()}
     run([str(bin_folder / "prefect"), "--no-prompt", "deploy", "--all"], elsewhere, prefect)
     platform = Platform(DBManager(dburl=state.database_url, dbname="dcm-processor", dbprovider="mongodb"))
     job_id = platform.service_job(platform.service("packaged", "def run(**kwargs):\n    return 'from the wheel'\n"))

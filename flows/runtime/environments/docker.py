@@ -182,13 +182,19 @@ class DockerEnvironment(Environment):
         return {"image": worker_image, "image_built": built, "runtime_image": runtime}
 
     def built(self) -> set[str]:
-        images = {self.settings.runtime_image, self.settings.image if self.settings.image_built else None}
-        return {image for image in images if image}
+        return set(self._built_newest_first())
+
+    def _built_newest_first(self) -> list[str]:
+        """The runtime layer, then the image it was built on (which Docker refuses to remove while its child
+        is there)."""
+        images = [self.settings.runtime_image, self.settings.image if self.settings.image_built else None]
+        return [image for image in images if image]
 
     def remove(self, keep: set[str] | frozenset[str] = frozenset()) -> None:
         client = _docker_client()
-        for image in self.built() - keep:
-            _remove_image(client, image)
+        for image in self._built_newest_first():
+            if image not in keep:
+                _remove_image(client, image)
 
     def concurrency_tags(self) -> list[str]:
         """`gpu` for workers with GPUs: `prefect concurrency-limit create gpu N` caps their callbacks at N."""
