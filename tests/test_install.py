@@ -348,7 +348,7 @@ def test_the_progress_view_shows_log_lines_and_titles_with_brackets_as_they_are(
 
 
 @pytest.mark.parametrize("requirement", [
-    "--extra-index-url https://elsewhere.example/simple", "-i https://elsewhere.example/simple",
+    "--extra-index-url https://elsewhere.example/packages", "-i https://elsewhere.example/packages",
     "--find-links=/srv/other-wheels", "six @ https://elsewhere.example/six.whl", "git+https://elsewhere.example/x",
     "-r more.txt",
 ])
@@ -359,7 +359,7 @@ def test_with_a_wheelhouse_a_requirement_naming_another_source_is_refused_before
     wheelhouse.mkdir()
     WorkerHost(environments_folder=str(environments), wheelhouse=str(wheelhouse)).save("air-gapped", overwrite=True)
     folder = component(tmp_path / "sourced", "sourced", requirements=requirement,
-                       files={"more.txt": "--index-url https://elsewhere.example/simple\n"})
+                       files={"more.txt": "--index-url https://elsewhere.example/packages\n"})
     before = sorted(path.name for path in environments.iterdir())
 
     with pytest.raises(Exception, match="with a wheelhouse configured, installs use only the wheelhouse"):

@@ -17,7 +17,7 @@ from flows.runtime.variables import callback_variables, installer_variables
 WORKER_ENVIRONMENT = {
     "PATH": "/usr/bin:/bin", "HOME": "/home/worker", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TZ": "UTC",
     "SSL_CERT_FILE": "/etc/ssl/certs/ca.pem", "HTTPS_PROXY": "http://proxy:3128", "CUDA_VISIBLE_DEVICES": "0",
-    "PIP_CONFIG_FILE": "/etc/pip.conf", "PIP_FIND_LINKS": "/srv/wheels", "UV_INDEX_URL": "https://mirror/simple",
+    "PIP_CONFIG_FILE": "/etc/pip.conf", "PIP_FIND_LINKS": "/srv/wheels", "UV_INDEX_URL": "https://mirror.example/packages",
     "PREFECT_API_URL": "http://127.0.0.1:4200/api", "PREFECT_API_KEY": "pnu_secret", "PREFECT_API_AUTH_STRING": "a:b",
     "DCM_DB_URL": "mongodb://user:password@db/dcm", "DCM_FLOWS_WARM_ENGINE": "/run/dcm/engine.sock",
     "DCM_FLOWS_HOME": "/srv/dcm", "AWS_SECRET_ACCESS_KEY": "secret", "SSH_AUTH_SOCK": "/tmp/ssh-agent",
@@ -60,7 +60,7 @@ def test_an_installer_with_a_wheelhouse_sees_no_other_package_source() -> None:
 
 
 def test_the_index_url_reaches_the_installer_by_its_environment_not_its_command_line() -> None:
-    index = "https://reader:token@mirror.hospital.example/simple"
+    index = "https://reader:token@mirror.hospital.example/packages"
 
     assert HostSettings(environments_folder=Path("/srv"), index_url=index).package_source_arguments() == []
     seen = installer_variables(index, wheelhouse_only=False, base=WORKER_ENVIRONMENT)

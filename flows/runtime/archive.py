@@ -27,9 +27,9 @@ ENCRYPTED_FLAG = 0x1
 ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 CORRUPT_ARCHIVE_ERRORS = (
     zipfile.BadZipFile, tarfile.TarError, zlib.error, lzma.LZMAError, EOFError, OSError, ValueError, RuntimeError,
-    NotImplementedError, struct.error, IndexError, KeyError, OverflowError,
+    struct.error, IndexError, KeyError, OverflowError,
 )
-"""What the standard library raises for a damaged archive (the zip module raises RuntimeError and
+"""What the standard library raises for a damaged archive (the zip module raises RuntimeError and its subclass
 NotImplementedError for flags and versions it does not handle, and IndexError and KeyError from its parsers)."""
 
 

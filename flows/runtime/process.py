@@ -88,7 +88,9 @@ def _group_of(pid: int) -> int | None:
 def kill_process_tree(process: subprocess.Popen[bytes], grace_seconds: float = GRACE_SECONDS) -> None:
     """SIGTERM the child's process group, then SIGKILL whatever is still alive after the grace period; the
     processes that left the group are found below the child (the callback wrapper adopts orphans) and killed."""
-    escaped = _stop_escaped(process.pid)
+    # A child that has exited has nothing below it any more (its orphans went to its own subreaper or init, and
+    # the callback wrapper kills them before it exits): the /proc walk is only for a child still running.
+    escaped = _stop_escaped(process.pid) if process.poll() is None else set()
     try:
         if not send_signal(process.pid, signal.SIGTERM, group=True):
             process.wait()

@@ -80,14 +80,12 @@ class Redactor:
     full name is cut as one before its components are.
     """
 
-    def __init__(self, values: Mapping[str, str] | None = None) -> None:
+    def __init__(self) -> None:
         self._labels: dict[str, str] = {}
         """Label by case-folded value."""
         self._forms: set[str] = set()
         """Each value as given and case-folded: a regular expression that ignores case does not fold `ß` to `ss`."""
         self._pattern: re.Pattern[str] | None = None
-        for value, label in (values or {}).items():
-            self.add(value, label)
 
     def add(self, value: str, label: str) -> None:
         """Cut `value` (and report it as `[label]`) from now on."""
