@@ -1,4 +1,4 @@
-"""The pool workers of the platform's two work pools: Prefect's own, with two changes.
+"""The pool workers of the platform's two work pools: Prefect's own, with three changes.
 
 * **Both wake up for new runs.** A stock worker finds a new flow run at its next poll, on average half
   a poll interval after the run was created. These workers also listen to the server's event stream
@@ -9,6 +9,9 @@
   runtime cannot start, say) can be gone before the worker looks: prefect-docker then reports the code
   of the container as created, 0, and the run stays Pending for good. At its start it removes the
   stopped containers of ended runs that an earlier worker, killed mid-run, left behind.
+* **The process worker says why a run never started.** A run whose process dies before its flow starts
+  (a mistyped command, a broken interpreter) is Crashed with its exit code only; the end of what the
+  process wrote to its standard error goes into the run's logs, where an operator looks.
 
 Prefect finds them by worker type, through this project's `prefect.collections` entry point:
 `prefect worker start --pool dcm-process --type dcm-process` and `--pool dcm-docker --type dcm-docker`.
@@ -20,12 +23,13 @@ from __future__ import annotations
 import contextlib
 import shlex
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 from uuid import UUID
 
 import anyio
 import anyio.abc
 from docker.errors import NotFound
+from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
@@ -53,6 +57,7 @@ NEW_RUN_EVENT = "prefect.flow-run.Scheduled"
 LISTEN_RETRY_SECONDS = 5.0
 FLOW_RUN_LABEL = "io.prefect.flow-run-id"
 STOPPED_STATUSES = ("created", "exited", "dead")
+KEPT_ERROR_CHARACTERS = 4000
 FINAL_STATE_TYPES = [StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED]
 
 
@@ -124,7 +129,49 @@ class ProcessPoolWorker(WakesOnNewRuns, ProcessWorker):
         task_status: anyio.abc.TaskStatus[int] | None = None,
     ) -> ProcessWorkerResult:
         configuration.command = with_own_interpreter(configuration.command)
-        return await super().run(flow_run, configuration, task_status)
+        errors = ErrorOutput(passed_on_to=sys.stderr if configuration.stream_output else None)
+        configuration.stream_output = (sys.stdout if configuration.stream_output else None, errors)  # type: ignore[assignment]
+        result = await super().run(flow_run, configuration, task_status)
+        if result.status_code != 0:
+            await self._say_why_it_never_started(flow_run, errors)
+        return result
+
+    async def _say_why_it_never_started(self, flow_run: FlowRun, errors: ErrorOutput) -> None:
+        """Put the last error output of a run whose process died before its flow started into the run's logs.
+
+        Prefect marks such a run Crashed with its exit code only, and what the process printed (a command that
+        names no module, an interpreter that cannot start) went to the worker's terminal alone. Once the flow
+        has started, its own logs say what happened, and its output is not copied: it is the service's.
+        """
+        async with get_client() as client:
+            states = await client.read_flow_run_states(flow_run.id)
+        if not any(state.is_running() for state in states) and errors.tail():
+            self.get_flow_run_logger(flow_run).error(
+                "The flow run's process ended before its flow started; the end of its error output:\n%s",
+                errors.tail(),
+            )
+
+
+class ErrorOutput:
+    """A run process's standard error as it arrives: passed on (to the worker's own) and its end kept."""
+
+    def __init__(self, passed_on_to: TextIO | None, keep_characters: int = KEPT_ERROR_CHARACTERS) -> None:
+        self.passed_on_to = passed_on_to
+        self.keep_characters = keep_characters
+        self._kept = ""
+
+    def write(self, text: str) -> int:
+        self._kept = (self._kept + text)[-self.keep_characters:]
+        if self.passed_on_to is not None:
+            self.passed_on_to.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.passed_on_to is not None:
+            self.passed_on_to.flush()
+
+    def tail(self) -> str:
+        return self._kept.strip()
 
 
 def with_own_interpreter(command: str | None) -> str | None:

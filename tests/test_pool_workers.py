@@ -21,7 +21,7 @@ from prefect.deployments import run_deployment
 from flows.runtime.names import PROCESS_POOL_WORKER_TYPE
 from ops.pool_workers import ProcessPoolWorker
 from ops.stack import STOP_TIMEOUT_SECONDS, WORKER_STARTED, LocalStack, StackState
-from tests.conftest import eventually, finished, read_flow_run
+from tests.conftest import eventually, finished, read_flow_run, read_logs
 from tests.platform import Platform
 
 POLL_SECONDS = 300
@@ -112,3 +112,16 @@ def test_a_process_worker_without_its_environment_on_path_runs_jobs_with_its_own
     final = finished(flow_run.id)
     assert final.state.is_completed(), final.state.message
     assert platform.job(job_id)["result"] == 3
+
+
+def test_a_run_whose_process_dies_before_its_flow_starts_says_why_in_its_logs(platform: Platform) -> None:
+    service = platform.service(f"early-{uuid.uuid4().hex[:8]}", "def run(**kwargs):\n    return 3\n")
+    job_id = platform.service_job(service)
+
+    flow_run = run_deployment("dcm-job/process", parameters={"job_id": job_id}, timeout=0,
+                              job_variables={"command": "python -m ops.warm_engin"})
+
+    final = finished(flow_run.id)
+    assert final.state.is_crashed(), final.state
+    eventually(lambda: any("No module named ops.warm_engin" in log.message for log in read_logs(flow_run.id)),
+               timeout=30)
