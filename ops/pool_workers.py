@@ -10,8 +10,9 @@
   of the container as created, 0, and the run stays Pending for good. At its start it removes the
   stopped containers of ended runs that an earlier worker, killed mid-run, left behind.
 * **The process worker says why a run never started.** A run whose process dies before its flow starts
-  (a mistyped command, a broken interpreter) is Crashed with its exit code only; the end of what the
-  process wrote to its standard error goes into the run's logs, where an operator looks.
+  (a mistyped command, a broken interpreter) is Crashed with its exit code only; each run's standard error
+  goes to a file of the worker's, whose end goes into the run's logs when that happens (and which is passed
+  on to the worker's own once the run ends, where `stream_output` is on).
 
 Prefect finds them by worker type, through this project's `prefect.collections` entry point:
 `prefect worker start --pool dcm-process --type dcm-process` and `--pool dcm-docker --type dcm-docker`.
@@ -22,8 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+import shutil
 import sys
-from typing import TYPE_CHECKING, Any, TextIO
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import anyio
@@ -128,50 +132,56 @@ class ProcessPoolWorker(WakesOnNewRuns, ProcessWorker):
         configuration: ProcessJobConfiguration,
         task_status: anyio.abc.TaskStatus[int] | None = None,
     ) -> ProcessWorkerResult:
-        configuration.command = with_own_interpreter(configuration.command)
-        errors = ErrorOutput(passed_on_to=sys.stderr if configuration.stream_output else None)
-        configuration.stream_output = (sys.stdout if configuration.stream_output else None, errors)  # type: ignore[assignment]
-        result = await super().run(flow_run, configuration, task_status)
-        if result.status_code != 0:
-            await self._say_why_it_never_started(flow_run, errors)
-        return result
+        folder = Path(tempfile.mkdtemp(prefix="dcm-run-"))
+        errors = folder / "stderr"
+        try:
+            configuration.command = with_errors_to(errors, with_own_interpreter(configuration.command))
+            result = await super().run(flow_run, configuration, task_status)
+            if configuration.stream_output and errors.exists():
+                with errors.open("rb") as output:
+                    shutil.copyfileobj(output, sys.stderr.buffer)
+                sys.stderr.flush()
+            tail = _tail(errors)
+            if result.status_code != 0 and tail:
+                await self._say_why_it_never_started(flow_run, tail)
+            return result
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
-    async def _say_why_it_never_started(self, flow_run: FlowRun, errors: ErrorOutput) -> None:
-        """Put the last error output of a run whose process died before its flow started into the run's logs.
+    async def _say_why_it_never_started(self, flow_run: FlowRun, tail: str) -> None:
+        """Put the end of the error output of a run whose process died before its flow started into its logs.
 
         Prefect marks such a run Crashed with its exit code only, and what the process printed (a command that
-        names no module, an interpreter that cannot start) went to the worker's terminal alone. Once the flow
-        has started, its own logs say what happened, and its output is not copied: it is the service's.
+        names no module, an interpreter that cannot start) is nowhere else. Once the flow has started, its own
+        logs say what happened, and its output is not copied: it is the service's.
         """
         async with get_client() as client:
             states = await client.read_flow_run_states(flow_run.id)
-        if not any(state.is_running() for state in states) and errors.tail():
+        if not any(state.is_running() for state in states):
             self.get_flow_run_logger(flow_run).error(
-                "The flow run's process ended before its flow started; the end of its error output:\n%s",
-                errors.tail(),
+                "The flow run's process ended before its flow started; the end of its error output:\n%s", tail,
             )
 
 
-class ErrorOutput:
-    """A run process's standard error as it arrives: passed on (to the worker's own) and its end kept."""
+def with_errors_to(path: Path, command: str | None) -> str | None:
+    """The run's command with its standard error written to the file `path`.
 
-    def __init__(self, passed_on_to: TextIO | None, keep_characters: int = KEPT_ERROR_CHARACTERS) -> None:
-        self.passed_on_to = passed_on_to
-        self.keep_characters = keep_characters
-        self._kept = ""
+    A file, not a pipe to the worker: a run outlives a worker that dies (it is the session's process, with
+    its jobs in it), and writes into the pipe of a dead worker would fail.
+    """
+    if command is None:
+        return None
+    return shlex.join(["sh", "-c", 'exec "$@" 2>"$0"', str(path), *shlex.split(command)])
 
-    def write(self, text: str) -> int:
-        self._kept = (self._kept + text)[-self.keep_characters:]
-        if self.passed_on_to is not None:
-            self.passed_on_to.write(text)
-        return len(text)
 
-    def flush(self) -> None:
-        if self.passed_on_to is not None:
-            self.passed_on_to.flush()
-
-    def tail(self) -> str:
-        return self._kept.strip()
+def _tail(path: Path) -> str:
+    """The last KEPT_ERROR_CHARACTERS characters of the file (bytes, as the run wrote them), or ''."""
+    try:
+        with path.open("rb") as stream:
+            stream.seek(max(0, path.stat().st_size - KEPT_ERROR_CHARACTERS))
+            return stream.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
 
 
 def with_own_interpreter(command: str | None) -> str | None:

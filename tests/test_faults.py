@@ -50,6 +50,18 @@ def run(session_id, job_name, headers, params, added_params, **kwargs):
     return {{"pid": os.getpid()}}
 """
 
+LAST_STEP_SERVICE = """
+import os, time
+
+def run(session_id, job_name, headers, params, added_params, **kwargs):
+    with open({pid_file!r}, "w") as pid_file:
+        pid_file.write(str(os.getpid()))
+    time.sleep(0.25)
+    with open({marker!r}, "a") as marker:
+        marker.write("side effect\\n")
+    return 1
+"""
+
 PRIVILEGE_SERVICE = """
 import os, stat
 
@@ -331,6 +343,26 @@ def test_a_killed_session_process_crashes_the_job_runs_inside_it_and_a_retry_fin
         client.set_flow_run_state(session_run_id, Scheduled(), force=True)
     assert finished(session_run_id, timeout=300).state.is_completed()
     assert platform.job(job_id)["done"] is True and platform.job(dependent)["done"] is True
+
+
+def test_a_callback_whose_session_process_is_killed_stops_at_once_and_leaves_no_side_effect_nor_folder(
+    platform: Platform, tmp_path: Path
+) -> None:
+    session_id = platform.session()
+    pid_file, marker = tmp_path / "pid", tmp_path / "side-effects"
+    service = platform.service(f"last-step-{tmp_path.name}",
+                               LAST_STEP_SERVICE.format(pid_file=str(pid_file), marker=str(marker)))
+    platform.service_job(service, session_id=session_id)
+    submit_session(session_id)
+    callback = int(eventually(lambda: pid_file.exists() and pid_file.read_text(), timeout=120, interval=0.01))
+    job_folder = job_folder_of(callback)
+
+    os.kill(parent_of(callback), signal.SIGKILL)
+
+    eventually(lambda: not process_alive(callback), timeout=5, interval=0.05)
+    time.sleep(1)
+    assert not marker.exists(), "the callback went on after its run's process had died"
+    assert not job_folder.exists()
 
 
 def test_cancelling_a_session_cancels_the_job_running_in_its_process_and_kills_the_callback(

@@ -19,6 +19,9 @@ import traceback
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 PARENT_CHECK_SECONDS = 0.5
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
+PARENT_DEATH_SIGNAL = getattr(signal, "SIGRTMIN", None)
+"""A signal nothing else sends the callback: SIGTERM is the run's own request to stop, with a grace period."""
 
 
 def become_subreaper():
@@ -71,12 +74,33 @@ def apply_limits(limits):
         resource.setrlimit(getattr(resource, name), (value, value))
 
 
+def die_with_parent(parent, workspace):
+    """Have the kernel signal this process the moment the flow run's process that started it dies (Linux), and
+    end then: a callback that went on would finish side effects that the job's retry repeats. The thread that
+    watches the parent stays as the fallback (a callback busy in C code holds the signal's handler off)."""
+    if PARENT_DEATH_SIGNAL is None:
+        return
+    signal.signal(PARENT_DEATH_SIGNAL, lambda *_: end_now(workspace))
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(PARENT_DEATH_SIGNAL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        end_now(workspace)
+
+
 def end_with_parent(parent, workspace):
-    """Once the flow run's process that started this one is gone, kill this process group (the callback
-    and whatever it started) and remove the job's temporary folder: a crashed or killed run must not
-    leave its callback running, nor its files behind, and nothing else is left to clean up."""
+    """Wait for the flow run's process that started this one to be gone, then end."""
     while os.getppid() == parent:
         time.sleep(PARENT_CHECK_SECONDS)
+    end_now(workspace)
+
+
+def end_now(workspace):
+    """Kill this process group (the callback and whatever it started) and remove the job's temporary folder:
+    the run that started the callback is gone, and nothing else is left to clean up."""
     for pid in others_in_process_group():
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
@@ -153,7 +177,9 @@ def main():
     become_subreaper()
     with open(os.path.join(FOLDER, "invocation.json")) as stream:
         invocation = json.load(stream)
-    threading.Thread(target=end_with_parent, args=(parent, invocation.get("workspace")), daemon=True).start()
+    workspace = invocation.get("workspace")
+    die_with_parent(parent, workspace)
+    threading.Thread(target=end_with_parent, args=(parent, workspace), daemon=True).start()
     outcome = outcome_of(invocation)
     partial = os.path.join(FOLDER, "result.json.partial")
     with open(partial, "w") as stream:
