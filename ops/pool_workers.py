@@ -25,7 +25,6 @@ import contextlib
 import shlex
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -48,6 +47,7 @@ from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, Proc
 from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration, DockerWorkerResult
 
 from flows.runtime.names import DOCKER_POOL_WORKER_TYPE, PROCESS_POOL_WORKER_TYPE
+from flows.runtime.process import folder_of_this_process, remove_abandoned_folders
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
@@ -62,6 +62,7 @@ LISTEN_RETRY_SECONDS = 5.0
 FLOW_RUN_LABEL = "io.prefect.flow-run-id"
 STOPPED_STATUSES = ("created", "exited", "dead")
 KEPT_ERROR_CHARACTERS = 4000
+RUN_FOLDER_PREFIX = "dcm-run-"
 FINAL_STATE_TYPES = [StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED]
 
 
@@ -126,13 +127,17 @@ class ProcessPoolWorker(WakesOnNewRuns, ProcessWorker):
         """Registered apart from Prefect's process worker, whose key is its `type`, which this one keeps."""
         return PROCESS_POOL_WORKER_TYPE
 
+    async def setup(self) -> None:
+        await super().setup()
+        remove_abandoned_folders(RUN_FOLDER_PREFIX)
+
     async def run(
         self,
         flow_run: FlowRun,
         configuration: ProcessJobConfiguration,
         task_status: anyio.abc.TaskStatus[int] | None = None,
     ) -> ProcessWorkerResult:
-        folder = Path(tempfile.mkdtemp(prefix="dcm-run-"))
+        folder = folder_of_this_process(RUN_FOLDER_PREFIX)
         errors = folder / "stderr"
         try:
             configuration.command = with_errors_to(errors, with_own_interpreter(configuration.command))

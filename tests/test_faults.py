@@ -11,6 +11,8 @@ import io
 import os
 import signal
 import stat
+import subprocess
+import tempfile
 import threading
 import time
 import zipfile
@@ -363,6 +365,21 @@ def test_a_callback_whose_session_process_is_killed_stops_at_once_and_leaves_no_
     time.sleep(1)
     assert not marker.exists(), "the callback went on after its run's process had died"
     assert not job_folder.exists()
+
+
+def test_the_folder_of_a_job_whose_run_was_killed_before_its_callback_started_is_removed_by_the_next_job(
+    platform: Platform, tmp_path: Path
+) -> None:
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    abandoned = Path(tempfile.gettempdir()) / f"dcm-job-{'0' * 24}-{ended.pid}-abcd1234"
+    (abandoned / "service_module").mkdir(parents=True)
+    service = platform.service(f"next-{tmp_path.name}", "def run(**kwargs):\n    return 1\n")
+
+    run = finished(submit_job(platform.service_job(service)))
+
+    assert run.state.is_completed(), run.state.message
+    assert not abandoned.exists()
 
 
 def test_cancelling_a_session_cancels_the_job_running_in_its_process_and_kills_the_callback(

@@ -14,7 +14,6 @@ that ran is not run again by a retry.
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +24,13 @@ from flows.runtime.callback import Callback
 from flows.runtime.environments import Environment, JobFolders, environment_of_job
 from flows.runtime.errors import CallbackFailed, ClaimLost, InvalidRecord, JobError, JobNotRunnable, RunCancelled
 from flows.runtime.platform_records import PlatformRecords
-from flows.runtime.process import LineHandler, StopCheck
+from flows.runtime.process import LineHandler, StopCheck, folder_of_this_process, remove_abandoned_folders
 from flows.runtime.records import POST_SERVICES_JOB, PRE_SERVICES_JOB, JobRecord
 from flows.runtime.redaction import Redactor
 from flows.runtime.variables import callback_variables, service_variables
 
+JOB_FOLDER_PREFIX = "dcm-job-"
+"""A job's temporary folder is named `dcm-job-<job id>-<pid of the run's process>-<random>`."""
 SERVICE_MODULE = "service_module"
 SESSION_HOOKS = {PRE_SERVICES_JOB: "run_pre_services", POST_SERVICES_JOB: "run_post_services"}
 
@@ -122,7 +123,8 @@ class JobRun:
         environment = environment_of_job(job, self.records)
         environment.check()
         if self.workspace is None:
-            self.workspace = Path(tempfile.mkdtemp(prefix=f"dcm-job-{job.id}-"))
+            remove_abandoned_folders(JOB_FOLDER_PREFIX)
+            self.workspace = folder_of_this_process(f"{JOB_FOLDER_PREFIX}{job.id}-")
         workspace = self.workspace
         folders = environment.folders(workspace)
         folders.session.mkdir(mode=0o700, parents=True, exist_ok=True)

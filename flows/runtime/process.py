@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -62,6 +64,32 @@ def send_signal(pid: int, signal_number: int, *, group: bool = False) -> bool:
         (os.killpg if group else os.kill)(pid, signal_number)
     except (ProcessLookupError, PermissionError):
         return False
+    return True
+
+
+def folder_of_this_process(prefix: str) -> Path:
+    """A new private temporary folder named `<prefix><pid>-<random>`: the pid says whose it is, so that
+    `remove_abandoned_folders` can tell one whose process was killed before it could remove it."""
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
+
+
+def remove_abandoned_folders(prefix: str) -> None:
+    """Remove this host's temporary folders named by `folder_of_this_process(prefix + ...)` whose process is
+    gone (a run killed while it prepared or ran a job, a pool worker killed mid-run)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        owner = folder.name.rsplit("-", 2)[-2] if folder.name.count("-") >= 2 else ""
+        if owner.isdigit() and not _exists(int(owner)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _exists(pid: int) -> bool:
+    """Whether any process (this user's or another's) has this pid."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
     return True
 
 
