@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint screenshots load bench stack-start stack-stop clean
+.PHONY: install demo test lint screenshots load bench chaos stack-start stack-stop clean
 
 # Bytecode is compiled here: where PYTHONDONTWRITEBYTECODE is set, every process (worker runs, the server, CLI calls)
 # would otherwise compile Prefect's source again, about 1.2 s of the 2.4 s `import prefect` takes.
@@ -38,6 +38,11 @@ load: install
 # into docs/benchmarks.md.
 bench: install
 	$(BIN)/python -m bench.overhead
+
+# 3 sessions of 20 jobs while the pool worker, the warm engine, sessions' processes, callbacks, SecantusDB and the
+# Prefect server are killed or stopped at random moments; the count of what went wrong into docs/benchmarks.md.
+chaos: install
+	$(BIN)/python -m bench.chaos
 
 stack-start: install
 	$(BIN)/dcm-flows stack start

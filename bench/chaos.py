@@ -123,13 +123,15 @@ class Fault:
 
 
 def schedule(size: ChaosSize, seed: int) -> list[Fault]:
-    """The seeded fault schedule: each kind `faults_of_each_kind` times, in the order they strike."""
+    """The seeded fault schedule: each kind `faults_of_each_kind` times, in the order they strike. The kills of
+    a session's process and of a callback fall in the window's first half, while there is surely work to hit."""
     chance = random.Random(seed)
     faults = []
     for kind in FAULT_KINDS:
         for _ in range(size.faults_of_each_kind):
             down = chance.uniform(*size.outage_seconds) if kind in STOPPED_SERVICES else 0.0
-            faults.append(Fault(kind, round(chance.uniform(0, size.window_seconds), 1), round(down, 1)))
+            latest = size.window_seconds / 2 if kind in KILLED_RUN_PROCESSES else size.window_seconds
+            faults.append(Fault(kind, round(chance.uniform(0, latest), 1), round(down, 1)))
     return sorted(faults, key=lambda fault: fault.at_seconds)
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from prefect import flow, get_run_logger, runtime, tags
+from prefect import Task, flow, get_run_logger, runtime, tags
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
@@ -35,7 +35,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterStateType,
 )
 from prefect.client.schemas.objects import FlowRun, StateType
-from prefect.context import SettingsContext, get_settings_context
+from prefect.context import FlowRunContext, SettingsContext, get_settings_context
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings
 from prefect.states import Cancelled, Cancelling, Failed, State
@@ -55,6 +55,7 @@ POLL_SECONDS = 1.0
 DEFAULT_MAX_PARALLEL_JOBS = 4
 CANCEL_GRACE_SECONDS = 20
 PROGRESS_SECONDS = 2.0
+ATTEMPT_KEYS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class SessionJobs:
         self._ended: queue.SimpleQueue[tuple[str, State | str]] = queue.SimpleQueue()
         self._reported: set[str] = set()
         self._lock = threading.Lock()
+        self._creating = threading.Lock()
         self._polled = 0.0
         # No heartbeats of their own: a job run lives and dies with this session's process, whose heartbeat
         # and crash handling (flows/crash.py) cover it; each heartbeat is a write to the server's database.
@@ -128,17 +130,35 @@ class SessionJobs:
         self._ended.put((job_id, ending))
 
     def _run_here(self, job: JobRecord) -> State:
+        """Run the job's flow as a child run in this thread.
+
+        Its child run is created one thread at a time (until it is Running): Prefect keys a flow's child runs
+        by a counter the threads share, and two threads that read it at once got the same key, the second
+        job then running under the first one's flow run, and claiming its record with that run's id.
+        """
+        released = False
+
+        def let_the_next_start(*_: Any) -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._creating.release()
+
         def on_final_state(flow: Any, flow_run: Any, state: State) -> None:
             self._report(job.id, state)
 
         hooks = [on_final_state]
         job_run = job_flow.with_options(
-            flow_run_name=job_run_name(job.id, job),
+            flow_run_name=job_run_name(job.id, job), on_running=[let_the_next_start],
             on_completion=hooks, on_failure=hooks, on_cancellation=hooks, on_crashed=hooks,
         )
         settings = SettingsContext(profile=get_settings_context().profile, settings=self._job_settings)
-        with tags(*job_tags(job)), settings:
-            return job_run(**JobParameters(job.id, self.database_block).as_parameters(), return_state=True)
+        self._creating.acquire()
+        try:
+            with tags(*job_tags(job)), settings:
+                return job_run(**JobParameters(job.id, self.database_block).as_parameters(), return_state=True)
+        finally:
+            let_the_next_start()
 
     def _thread_ended(self, job_id: str, future: Future[State]) -> None:
         with self._lock:
@@ -315,6 +335,7 @@ def _run_session(
     already_done = sum(1 for job in plan.jobs.values() if job.done)
     logger.info("session %s: %d jobs, %d already done", session_id, len(plan.jobs), already_done)
     progress = SessionProgress(plan)
+    new_keys_for_job_runs_of_this_attempt()
     with get_client(sync_client=True) as client:
         session = SessionRun(session_id, plan, records, client, database_block, max(1, max_parallel_jobs),
                              jobs_in_session)
@@ -334,6 +355,22 @@ def _run_session(
         names = ", ".join(f"{plan.jobs[job_id].label} ({job_id})" for job_id in failed)
         return Failed(message=f"session {session_id}: failed jobs: {names}; skipped: {len(plan.skipped())}")
     return {"session_id": session_id, "jobs": len(plan.jobs)}
+
+
+def new_keys_for_job_runs_of_this_attempt() -> None:
+    """Key this attempt's in-session job runs apart from those of the session run's earlier attempts.
+
+    Prefect files the k-th child flow run a flow starts under a tracking task run keyed k, and an attempt of a
+    retried run that starts its k-th child is handed the earlier attempt's k-th child run when that one did not
+    end. A retried session starts its jobs in another order (the done ones are left out), so a job ran under
+    the run of another job, named for it, and claimed its record with that run's id. Each attempt's keys start
+    past the earlier attempts' (at most ATTEMPT_KEYS children each).
+    """
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None or context.flow_run.run_count <= 1:
+        return
+    tracking = Task(name=job_flow.name, fn=job_flow.fn, version=job_flow.version).task_key
+    context.task_run_dynamic_keys[tracking] = ATTEMPT_KEYS * (context.flow_run.run_count - 1)
 
 
 class SessionRun:

@@ -19,9 +19,11 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
 from prefect.client.schemas.objects import FlowRun
 from prefect.states import Cancelling, Scheduled
 
@@ -380,6 +382,51 @@ def test_the_folder_of_a_job_whose_run_was_killed_before_its_callback_started_is
 
     assert run.state.is_completed(), run.state.message
     assert not abandoned.exists()
+
+
+def test_a_retried_session_runs_each_job_under_a_flow_run_of_its_own_whatever_order_its_jobs_start_in(
+    platform: Platform, tmp_path: Path
+) -> None:
+    session_id = platform.session()
+    quick_service = platform.service(f"quick-{tmp_path.name}", "def run(**kwargs):\n    return 1\n")
+    quick = platform.service_job(quick_service, session_id=session_id)
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    first, first_pid = platform.sleeper_job(tmp_path / "first", session_id=session_id)
+    second, second_pid = platform.sleeper_job(tmp_path / "second", session_id=session_id)
+    session_run_id = submit_session(session_id)
+    callbacks = [running_callback(first_pid), running_callback(second_pid)]
+    eventually(lambda: platform.job(quick)["done"], timeout=60)
+    for sleeper in (first, second):
+        platform.manager.db.update("jobs", sleeper, {"$set": {"data.kwargs.params.sleep": 0}})
+    os.kill(parent_of(callbacks[0]), signal.SIGKILL)
+    assert finished(session_run_id, timeout=60).state.is_crashed()
+
+    retry(session_run_id)  # at once, as an operator who sees it crash does; crash repair is still at work
+    final = finished(session_run_id, timeout=300)
+    if not final.state.is_completed():  # it ended Failed: a job was still held by a crashed run at its start
+        retry(session_run_id)
+        final = finished(session_run_id, timeout=300)
+    assert final.state.is_completed(), final.state.message
+
+    for job_id in (quick, first, second):
+        assert platform.job(job_id)["done"] is True
+        assert job_of_the_run_that_published(job_id) == job_id, "a job ran under another job's flow run"
+
+
+def retry(flow_run_id: UUID) -> None:
+    """What an operator's Retry in the UI does."""
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Scheduled(), force=True)
+
+
+def job_of_the_run_that_published(job_id: str) -> str:
+    """The job a flow run was started for (its parameter), for the run that published the job's newest outcome."""
+    with get_client(sync_client=True) as client:
+        outcome = client.read_latest_artifacts(artifact_filter=ArtifactCollectionFilter(
+            key=ArtifactCollectionFilterKey(any_=[f"dcm-job-{job_id}"])))[0]
+        assert outcome.flow_run_id is not None
+        return str(client.read_flow_run(outcome.flow_run_id).parameters["job_id"])
 
 
 def test_cancelling_a_session_cancels_the_job_running_in_its_process_and_kills_the_callback(
