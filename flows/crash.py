@@ -22,7 +22,7 @@ from prefect.states import Crashed
 from blocks.database import DcmDatabase
 from flows.runtime.names import RECORD_CRASH_FLOW, JobParameters
 from flows.runtime.platform_records import PlatformRecords
-from flows.session import unfinished_job_runs
+from flows.session import left_behind, unfinished_job_runs
 
 FLOW_RUN_RESOURCE = "prefect.flow-run."
 
@@ -55,9 +55,12 @@ def record_crash_flow(flow_run_id: str) -> str:
 
 
 def _crash_job_runs_of(client: SyncPrefectClient, session_run_id: UUID) -> str:
-    """Set Crashed every child run of a crashed session that has not ended (the ones on workers
-    have their own process and end on their own, so only runs without a deployment are touched)."""
-    in_session = [child for child in unfinished_job_runs(client, session_run_id) if child.deployment_id is None]
+    """Set Crashed every child run of a crashed session that has not ended and ran in the crashed attempt's
+    process (the ones on workers have their own process and end on their own, so only runs without a
+    deployment are touched; a retry that started meanwhile runs its own)."""
+    session_run = client.read_flow_run(session_run_id)
+    in_session = [child for child in unfinished_job_runs(client, session_run_id)
+                  if child.deployment_id is None and left_behind(child, session_run)]
     for child in in_session:
         client.set_flow_run_state(child.id, Crashed(
             message=f"its session's flow run {session_run_id} crashed, and the job ran in that run's process"

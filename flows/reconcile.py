@@ -29,6 +29,7 @@ from flows.run_logs import RunLogger
 from flows.runtime.names import DEFAULT_BLOCK, RECONCILE_FLOW
 from flows.runtime.platform_records import PlatformRecords
 from flows.runtime.variables import MISSED_HEARTBEATS_SECONDS, SILENT_RUN_CRASHED
+from flows.session import left_behind
 
 HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
 
@@ -93,11 +94,23 @@ class Reconciler:
         if run.deployment_id is None and job.session_id:
             session_run_id = self.records.session_holder(job.session_id)
             if session_run_id is not None:
-                ended = self._how_ended(session_run_id)
-                session = f"its session's flow run {session_run_id}"
-                return None if ended is None else f"{subject} crashed: it ran in {session}, which {ended}"
+                return self._why_left_behind(run, session_run_id, subject)
         ended = self._how_ended(job.flow_run_id)
         return None if ended is None else f"{subject} {ended}"
+
+    def _why_left_behind(self, run: FlowRun, session_run_id: str, subject: str) -> str | None:
+        """Why a job run that ran in its session's process can no longer write its record, or None while the
+        session's process runs it. A run of an earlier attempt of its session is set Crashed here."""
+        session = f"its session's flow run {session_run_id}"
+        ended = self._how_ended(session_run_id)
+        if ended is not None:
+            return f"{subject} crashed: it ran in {session}, which {ended}"
+        session_run = self._run(session_run_id)
+        if session_run is None or not left_behind(run, session_run):
+            return None
+        reason = f"it ran in an earlier attempt of {session}, whose process is gone"
+        self.client.set_flow_run_state(run.id, Crashed(message=reason), force=True)
+        return f"{subject} crashed: {reason}"
 
     def _how_ended(self, flow_run_id: str) -> str | None:
         """How a run ended, as the rest of a sentence about it; None while it runs (a silent one is set Crashed)."""

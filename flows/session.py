@@ -239,6 +239,19 @@ def unfinished_job_runs(client: SyncPrefectClient, session_run_id: UUID) -> list
     ))
 
 
+def left_behind(job_run: FlowRun, session_run: FlowRun) -> bool:
+    """Whether a job run that ran in its session's process can no longer end on its own: the attempt of the
+    session run whose process ran it is over. The session run has ended, or waits to run again, or runs again
+    since after the job run was created: an operator's retry keeps the run's id, and a later attempt does
+    not know the job runs of an earlier one."""
+    state = session_run.state
+    if state is None:
+        return False
+    if state.is_final() or state.type in (StateType.SCHEDULED, StateType.PENDING):
+        return True
+    return state.is_running() and job_run.created is not None and job_run.created < state.timestamp
+
+
 def _final_runs(client: SyncPrefectClient, flow_run_ids: list[UUID]) -> list[Any]:
     runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=flow_run_ids)))
     return [run for run in runs if run.state is not None and run.state.is_final()]

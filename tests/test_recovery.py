@@ -20,13 +20,14 @@ import pytest
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.deployments import run_deployment
-from prefect.states import Cancelled, Running, State
+from prefect.states import Cancelled, Running, Scheduled, State
 
 from blocks.database import DcmDatabase
 from flows.bridge import SessionBridge
-from flows.job import _cancellation_check
+from flows.job import _cancellation_check, job_flow
 from flows.runtime.errors import ClaimLost
 from flows.runtime.names import JOB_FLOW, RECONCILE_FLOW, deployment
+from flows.session import session_flow
 from flows.submit import submit_job, submit_session
 from ops.prefect_setup import CRASH_AUTOMATION, ensure_crash_automations
 from ops.stack import LocalStack, StackState, process_alive
@@ -36,6 +37,7 @@ from tests.conftest import (
     eventually,
     finished,
     prefect_away,
+    read_flow_run,
     running_callback,
     separate_database,
 )
@@ -282,6 +284,33 @@ def test_the_reconciler_fails_records_whose_run_vanished_or_ended_and_leaves_tho
         assert record["inProgress"] is False and record["error"] is True and record["attempts"] == 1, record
         assert reason in record["errorMessage"]
     assert platform.job(live)["inProgress"] is True and platform.job(live).get("error") is not True
+
+
+def test_the_reconciler_fails_the_records_of_job_runs_an_earlier_attempt_of_their_session_left_behind(
+    platform: Platform,
+) -> None:
+    session_id = platform.session()
+    left, current = trivial_job(platform), trivial_job(platform)
+    for job_id in (left, current):
+        platform.manager.db.update("jobs", job_id, {"$set": {"sessionId": session_id}})
+    with get_client(sync_client=True) as client:
+        session_run = client.create_flow_run(session_flow, parameters={"session_id": session_id}, state=Running())
+        left_run = client.create_flow_run(job_flow, parameters={"job_id": left}, state=Running())
+        time.sleep(0.1)
+        client.set_flow_run_state(session_run.id, Scheduled(), force=True)  # an operator's retry
+        client.set_flow_run_state(session_run.id, Running(), force=True)
+        current_run = client.create_flow_run(job_flow, parameters={"job_id": current}, state=Running())
+    platform.records.claim_session(session_id, str(session_run.id), lambda _: True)
+    platform.records.claim(left, str(left_run.id))
+    platform.records.claim(current, str(current_run.id))
+
+    reconcile()
+
+    record = platform.job(left)
+    assert record["inProgress"] is False and record["error"] is True, record
+    assert f"an earlier attempt of its session's flow run {session_run.id}" in record["errorMessage"]
+    assert read_flow_run(left_run.id).state.is_crashed()
+    assert platform.job(current)["inProgress"] is True, "the job run of the session's running attempt is left alone"
 
 
 @contextmanager
