@@ -190,6 +190,7 @@ class FaultInjector:
         self.callbacks = callbacks
         self.began = began
         self.stack_lock = threading.Lock()
+        self.outages: Counter[str] = Counter()
         self.actions: dict[str, Callable[[Fault], None]] = {
             "pool worker": lambda fault: self._kill(fault, "process-worker"),
             "warm engine": lambda fault: self._kill(fault, "warm-engine"),
@@ -220,12 +221,17 @@ class FaultInjector:
 
     def _stop_for_a_while(self, fault: Fault, stop: Callable[[StackState], None],
                           start: Callable[[StackState], None]) -> None:
+        """Stop the service for the fault's time; two outages of one service that overlap make one longer one."""
         with self.stack_lock:
-            stop(self.state)
+            self.outages[fault.kind] += 1
+            if self.outages[fault.kind] == 1:
+                stop(self.state)
         fault.target = f"stopped for {fault.down_seconds} s"
         time.sleep(fault.down_seconds)
         with self.stack_lock:
-            start(self.state)
+            self.outages[fault.kind] -= 1
+            if self.outages[fault.kind] == 0:
+                start(self.state)
 
     def _kill_callback(self, fault: Fault) -> None:
         pid = self._a_running_callback()
