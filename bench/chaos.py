@@ -57,6 +57,7 @@ from flows.runtime.process import send_signal
 from flows.runtime.records import JobRecord
 from flows.submit import submit_session
 from ops.demo import schedule_stable_patient, upload_example_patient
+from ops.pool_workers import FLOW_RUN_LABEL
 from ops.stack import LocalStack, StackState, docker_engine_answers, process_alive
 
 SERVICE = "chaos-work"
@@ -84,7 +85,7 @@ KILLED_RUN_PROCESSES = ("session process", "callback")
 FAULT_KINDS = (*RESTARTED_SERVICES, *KILLED_RUN_PROCESSES, *STOPPED_SERVICES)
 RESTART_SECONDS = 3.0
 SUPERVISED = ("process-worker", "warm-engine")
-TARGET_WAIT_SECONDS = 60.0
+TARGET_WAIT_SECONDS = 600.0
 OPERATOR_POLL_SECONDS = 3.0
 CHECK_SECONDS = 2.0
 CONSISTENT_GOAL_SECONDS = 180.0
@@ -247,6 +248,7 @@ class FaultInjector:
             fault.target = f"session process pid {session_process} SIGKILLed"
 
     def _a_running_callback(self) -> int | None:
+        """A callback running now, or at the first moment one runs (none does while the database is down)."""
         deadline = time.monotonic() + TARGET_WAIT_SECONDS
         while time.monotonic() < deadline:
             running = self.callbacks.running_callbacks()
@@ -365,12 +367,19 @@ class Inspector:
 
 
 def leftover_containers() -> int:
-    """Containers of flow runs still on the Docker engine (none of the chaos jobs should leave one)."""
+    """Containers still on the Docker engine of flow runs of this stack's server (other stacks' are not counted)."""
     if not docker_engine_answers():
         return 0
-    listing = subprocess.run(["docker", "ps", "-aq", "--filter", "label=io.prefect.flow-run-id"],
+    listing = subprocess.run(["docker", "ps", "-a", "--filter", f"label={FLOW_RUN_LABEL}",
+                              "--format", f'{{{{.Label "{FLOW_RUN_LABEL}"}}}}'],
                              capture_output=True, text=True, check=False).stdout
-    return len(listing.split())
+    found = 0
+    with get_client(sync_client=True) as client:
+        for flow_run_id in listing.split():
+            with contextlib.suppress(ObjectNotFound, ValueError):
+                client.read_flow_run(UUID(flow_run_id))
+                found += 1
+    return found
 
 
 def reconciler_pass_after(moment: datetime) -> bool:
@@ -446,15 +455,18 @@ def run_chaos(stack: LocalStack, state: StackState, database: DcmDatabase, size:
 
 
 def markdown(report: ChaosReport, size: ChaosSize) -> str:
-    faults = Counter(fault.kind for fault in report.faults)
+    faults = Counter(fault.kind for fault in report.faults if fault.target)
     outages = [fault.down_seconds for fault in report.faults if fault.kind in STOPPED_SERVICES]
     consistent = (f"{report.seconds_to_consistent / 60:.1f} min" if report.seconds_to_consistent is not None
                   else f"not within {GIVE_UP_SECONDS / 60:.0f} min")
     rows = [
         ("sessions x jobs (with pre- and post-services)", f"{report.sessions} x {report.jobs // report.sessions}"),
         ("callbacks", f"{size.callback_seconds[0]}-{size.callback_seconds[1]} s each"),
-        ("faults injected", ", ".join(f"{kind} {count}" for kind, count in faults.items())),
+        ("faults that struck", ", ".join(f"{kind} {count}" for kind, count in faults.items())),
         ("outages (database, Prefect server)", ", ".join(f"{seconds:.0f} s" for seconds in outages)),
+        ("down, overlapping outages merged (s after the sessions started)", "; ".join(
+            f"{kind} {', '.join(f'{start:.0f}-{end:.0f} s' for start, end in _down_spans(report.faults, kind))}"
+            for kind in STOPPED_SERVICES)),
         ("faults that found nothing to hit", report.faults_without_target),
         ("session runs retried by the operator", report.operator_retries),
         ("sessions completed", f"{report.sessions_completed} of {report.sessions}"),
@@ -477,6 +489,18 @@ def markdown(report: ChaosReport, size: ChaosSize) -> str:
         "0, and of the time to a consistent state, under 3 minutes.\n\n| | |\n|---|---|\n" + table
         + "\n<!-- /chaos -->"
     )
+
+
+def _down_spans(faults: list[Fault], kind: str) -> list[tuple[float, float]]:
+    """When the service was down: its outages, those that overlap merged (FaultInjector keeps it down)."""
+    spans: list[tuple[float, float]] = []
+    for fault in sorted((fault for fault in faults if fault.kind == kind), key=lambda fault: fault.at_seconds):
+        start, end = fault.at_seconds, fault.at_seconds + fault.down_seconds
+        if spans and start <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], end))
+        else:
+            spans.append((start, end))
+    return spans
 
 
 def main(argv: list[str] | None = None) -> int:
