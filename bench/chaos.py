@@ -185,8 +185,10 @@ class CallbackLog:
 class FaultInjector:
     """Strikes the schedule's faults on the stack, each from a thread of its own at its moment."""
 
-    def __init__(self, stack: LocalStack, state: StackState, callbacks: CallbackLog, began: float) -> None:
+    def __init__(self, stack: LocalStack, state: StackState, callbacks: CallbackLog, began: float,
+                 seed: int) -> None:
         self.stack = stack
+        self.chance = random.Random(seed)
         self.state = state
         self.callbacks = callbacks
         self.began = began
@@ -253,7 +255,7 @@ class FaultInjector:
         while time.monotonic() < deadline:
             running = self.callbacks.running_callbacks()
             if running:
-                return random.choice(running)
+                return self.chance.choice(running)
             time.sleep(0.5)
         return None
 
@@ -408,10 +410,9 @@ def run_chaos(stack: LocalStack, state: StackState, database: DcmDatabase, size:
         session_ids.append(schedule_stable_patient(database, records))
     inspector = Inspector(records, session_ids, callbacks)
     faults = schedule(size, seed)
-    random.seed(seed)
     began = time.monotonic()
     operator = Operator([submit_session(session_id) for session_id in session_ids])
-    injector = FaultInjector(stack, state, callbacks, began)
+    injector = FaultInjector(stack, state, callbacks, began, seed)
     supervisor = Supervisor(stack, state, injector.stack_lock)
     helpers = {operator.stopped: in_a_thread(operator.run), supervisor.stopped: in_a_thread(supervisor.run)}
     injector.strike(faults)

@@ -38,10 +38,10 @@ def _connected(arguments: argparse.Namespace) -> contextlib.AbstractContextManag
 
 
 def stack_start(arguments: argparse.Namespace) -> int:
-    state = _stack(arguments).start()
-    print(f"database     {state.database_url}\nPrefect API  {state.api_url}\nPrefect UI   {state.ui_url}")
-    print(f"logs         {_stack(arguments).logs}")
     stack = _stack(arguments)
+    state = stack.start()
+    print(f"database     {state.database_url}\nPrefect API  {state.api_url}\nPrefect UI   {state.ui_url}")
+    print(f"logs         {stack.logs}")
     print(f"Use it from a shell: export PREFECT_API_URL={state.api_url} "
           f"PREFECT_API_AUTH_STRING=\"$(cat {stack.api_auth_file})\"")
     print(f"The UI asks once for a password: the whole contents of {stack.api_auth_file}")

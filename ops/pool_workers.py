@@ -146,8 +146,7 @@ class ProcessPoolWorker(WakesOnNewRuns, ProcessWorker):
                 with errors.open("rb") as output:
                     shutil.copyfileobj(output, sys.stderr.buffer)
                 sys.stderr.flush()
-            tail = _tail(errors)
-            if result.status_code != 0 and tail:
+            if result.status_code != 0 and (tail := _tail(errors)):
                 await self._say_why_it_never_started(flow_run, tail)
             return result
         finally:
