@@ -11,10 +11,13 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
+SEED = 3
+"""A fixed schedule for CI (each kind of fault once, in the first 37 s); `make chaos` draws a new one each run."""
+
 
 def test_sessions_hit_by_every_kind_of_fault_finish_with_nothing_lost_run_twice_stuck_or_left_behind() -> None:
-    chaos = subprocess.run([sys.executable, "-m", "bench.chaos", "--small"], capture_output=True, text=True,
-                           timeout=1500, check=False)
+    chaos = subprocess.run([sys.executable, "-m", "bench.chaos", "--small", "--seed", str(SEED)],
+                           capture_output=True, text=True, timeout=1500, check=False)
 
     report = json.loads(chaos.stdout[chaos.stdout.index("\n{") + 1:])
     counts = {name: report[name] for name in (
