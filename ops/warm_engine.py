@@ -268,8 +268,11 @@ class WarmEngine:
         gc.freeze()  # the runs' collections then skip the imported objects, and leave their pages shared
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         self.socket_path.unlink(missing_ok=True)
-        self.listener.bind(str(self.socket_path))
-        os.chmod(self.socket_path, 0o600)
+        previous_mask = os.umask(0o177)  # the socket is born private: a chmod after bind would leave a window
+        try:
+            self.listener.bind(str(self.socket_path))
+        finally:
+            os.umask(previous_mask)
         self.listener.listen(64)
         os.set_blocking(self.wakeup_writer, False)
         signal.set_wakeup_fd(self.wakeup_writer)

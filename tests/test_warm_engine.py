@@ -135,6 +135,16 @@ def as_another_user(action: Callable[[], bool]) -> bool:
     return os.waitstatus_to_exitcode(status) == 0
 
 
+def listening(socket_path: Path) -> bool:
+    """Whether the warm engine at `socket_path` accepts this user's connections yet (the socket file appears
+    before the engine listens on it)."""
+    connection = connect_to_warm_engine(str(socket_path))
+    if connection is None:
+        return False
+    connection.close()
+    return True
+
+
 @pytest.fixture
 def shared_folder() -> Iterator[Path]:
     """A folder every local user can reach (pytest's own temporary folders are the test user's alone)."""
@@ -150,7 +160,7 @@ def test_a_warm_engine_refuses_a_client_of_another_user(shared_folder: Path) -> 
     socket_path = shared_folder / "engine.sock"
     engine = subprocess.Popen([sys.executable, "-m", "ops.warm_engine", "serve", str(socket_path)])
     try:
-        eventually(socket_path.exists, timeout=60)
+        eventually(lambda: listening(socket_path), timeout=60)
         socket_path.chmod(0o666)  # as if the operator had loosened it: the check must not rest on the mode alone
         request = RunRequest(sys.executable, "/", {"PATH": "/usr/bin"}).encode()
 
