@@ -103,12 +103,15 @@ class ChaosSize:
     outage_seconds: tuple[float, float]
     window_seconds: float
     """Each fault strikes at a random moment this long after the sessions were submitted."""
+    kills_within_seconds: float
+    """The kills of a running callback and of its session's process strike this early, while work surely runs
+    (the small size's work can be over before its window is)."""
 
 
 FULL = ChaosSize(sessions=3, series=20, callback_seconds=(0.5, 3.0), faults_of_each_kind=2,
-                 outage_seconds=(5.0, 150.0), window_seconds=120.0)
-SMALL = ChaosSize(sessions=2, series=5, callback_seconds=(0.5, 1.5), faults_of_each_kind=1,
-                  outage_seconds=(5.0, 10.0), window_seconds=30.0)
+                 outage_seconds=(5.0, 150.0), window_seconds=120.0, kills_within_seconds=60.0)
+SMALL = ChaosSize(sessions=2, series=5, callback_seconds=(1.0, 3.0), faults_of_each_kind=1,
+                  outage_seconds=(5.0, 10.0), window_seconds=30.0, kills_within_seconds=6.0)
 
 
 @dataclass
@@ -125,13 +128,13 @@ class Fault:
 
 def schedule(size: ChaosSize, seed: int) -> list[Fault]:
     """The seeded fault schedule: each kind `faults_of_each_kind` times, in the order they strike. The kills of
-    a session's process and of a callback fall in the window's first half, while there is surely work to hit."""
+    a session's process and of a callback fall in its first `kills_within_seconds`, while work surely runs."""
     chance = random.Random(seed)
     faults = []
     for kind in FAULT_KINDS:
         for _ in range(size.faults_of_each_kind):
             down = chance.uniform(*size.outage_seconds) if kind in STOPPED_SERVICES else 0.0
-            latest = size.window_seconds / 2 if kind in KILLED_RUN_PROCESSES else size.window_seconds
+            latest = size.kills_within_seconds if kind in KILLED_RUN_PROCESSES else size.window_seconds
             faults.append(Fault(kind, round(chance.uniform(0, latest), 1), round(down, 1)))
     return sorted(faults, key=lambda fault: fault.at_seconds)
 
@@ -186,8 +189,9 @@ class FaultInjector:
     """Strikes the schedule's faults on the stack, each from a thread of its own at its moment."""
 
     def __init__(self, stack: LocalStack, state: StackState, callbacks: CallbackLog, began: float,
-                 seed: int) -> None:
+                 seed: int, work_left: Callable[[], bool]) -> None:
         self.stack = stack
+        self.work_left = work_left
         self.chance = random.Random(seed)
         self.state = state
         self.callbacks = callbacks
@@ -250,9 +254,10 @@ class FaultInjector:
             fault.target = f"session process pid {session_process} SIGKILLed"
 
     def _a_running_callback(self) -> int | None:
-        """A callback running now, or at the first moment one runs (none does while the database is down)."""
+        """A callback running now, or at the first moment one runs (none does while the database is down);
+        None once no work is left."""
         deadline = time.monotonic() + TARGET_WAIT_SECONDS
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.work_left():
             running = self.callbacks.running_callbacks()
             if running:
                 return self.chance.choice(running)
@@ -303,6 +308,9 @@ class Operator:
         self.retries = 0
         self.completed: set[UUID] = set()
         self.stopped = threading.Event()
+
+    def work_left(self) -> bool:
+        return len(self.completed) < len(self.session_runs)
 
     def run(self) -> None:
         while not self.stopped.wait(OPERATOR_POLL_SECONDS):
@@ -412,7 +420,7 @@ def run_chaos(stack: LocalStack, state: StackState, database: DcmDatabase, size:
     faults = schedule(size, seed)
     began = time.monotonic()
     operator = Operator([submit_session(session_id) for session_id in session_ids])
-    injector = FaultInjector(stack, state, callbacks, began, seed)
+    injector = FaultInjector(stack, state, callbacks, began, seed, work_left=operator.work_left)
     supervisor = Supervisor(stack, state, injector.stack_lock)
     helpers = {operator.stopped: in_a_thread(operator.run), supervisor.stopped: in_a_thread(supervisor.run)}
     injector.strike(faults)
