@@ -8,8 +8,11 @@ Prefect's clients wait 2, 4, then 8 seconds before they try again (PrefectHQ/pre
 of a session write concurrently, so they spent most of a session in those waits and ran one at a time.
 Begun IMMEDIATE, a transaction takes the write lock first, waiting for it as long as the busy timeout
 allows, so concurrent writers queue for milliseconds instead of failing. Prefect itself begins
-IMMEDIATE the transactions it marks `with_for_update`; here every transaction is begun so. Only the
-SQLite configuration changes: on PostgreSQL this is `prefect server start` as shipped.
+IMMEDIATE the transactions it marks `with_for_update`; here every transaction is begun so. The BEGIN is sent
+at once, on the transaction's own connection; a session opened inside the transaction (Prefect reads in one to
+build an event while a work queue's update holds the lock) begins DEFERRED, as shipped: begun IMMEDIATE it
+would wait for the lock its caller holds. Only the SQLite configuration changes: on PostgreSQL this is
+`prefect server start` as shipped.
 
 Usage: `python -m ops.prefect_server [options of prefect server start]`.
 """
@@ -21,7 +24,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from prefect.server.database.configurations import AioSqliteConfiguration
+from prefect.server.database.configurations import SQLITE_BEGIN_MODE, AioSqliteConfiguration
 
 _TAKES_WRITE_LOCK = "_dcm_flows_takes_write_lock"
 
@@ -37,7 +40,12 @@ def sqlite_transactions_take_the_write_lock() -> None:
         self: AioSqliteConfiguration, session: Any, with_for_update: bool = False
     ) -> AsyncIterator[Any]:
         async with begin_transaction(self, session, with_for_update=True) as transaction:
-            yield transaction
+            await session.connection()
+            sessions_begun_inside = SQLITE_BEGIN_MODE.set("DEFERRED")
+            try:
+                yield transaction
+            finally:
+                SQLITE_BEGIN_MODE.reset(sessions_begun_inside)
 
     setattr(begin_immediate, _TAKES_WRITE_LOCK, True)
     AioSqliteConfiguration.begin_transaction = begin_immediate  # type: ignore[method-assign]

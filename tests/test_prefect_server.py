@@ -70,3 +70,32 @@ def test_the_embedded_servers_sqlite_transactions_wait_for_the_write_lock_and_bo
     assert asyncio.run(_read_then_write_while_another_connection_writes(tmp_path / "prefect.db")) == [
         "first", "second"
     ]
+
+
+async def _read_in_a_new_session_inside_a_write_transaction(database: Path) -> list[str]:
+    """What Prefect's PATCH of a work queue does when its status changes: inside a write transaction, a new
+    session reads (to build the status event); return the rows the transaction wrote."""
+    configuration = AioSqliteConfiguration(connection_url=f"sqlite+aiosqlite:///{database}")
+    engine = await configuration.engine()
+    async with engine.begin() as connection:
+        await connection.execute(sqlalchemy.text("CREATE TABLE queues (name TEXT)"))
+    try:
+        session = await configuration.session(engine)
+        async with session, configuration.begin_transaction(session):
+            await session.execute(sqlalchemy.text("INSERT INTO queues VALUES ('paused')"))
+            reader = await configuration.session(engine)
+            async with reader:
+                await asyncio.wait_for(reader.execute(sqlalchemy.text("SELECT count(*) FROM queues")), timeout=3)
+        async with engine.connect() as connection:
+            return list((await connection.execute(sqlalchemy.text("SELECT name FROM queues"))).scalars())
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.usefixtures("sqlite_configuration_as_shipped")
+def test_a_read_in_a_new_session_inside_a_write_transaction_of_the_embedded_server_does_not_wait_for_its_lock(
+    tmp_path: Path,
+) -> None:
+    sqlite_transactions_take_the_write_lock()
+
+    assert asyncio.run(_read_in_a_new_session_inside_a_write_transaction(tmp_path / "prefect.db")) == ["paused"]
