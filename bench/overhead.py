@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import functools
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, task
@@ -48,7 +47,9 @@ from prefect.workers.process import ProcessWorker
 
 from bench.components import lone_job, service_component
 from bench.containers import ContainerBench, runtime_layer_build
+from bench.figures import Figure
 from bench.load import MemorySampler, write_benchmarks
+from bench.operator_views import measure_operator_views
 from blocks.database import DcmDatabase
 from blocks.host import home_folder
 from flows.runtime.components import Component, register_service
@@ -86,23 +87,6 @@ def _note_start(marker: str) -> None:
 def one_task_flow(marker: str) -> None:
     """Prefect's simplest deployment run: one task that notes when it started."""
     _note_start(marker)
-
-
-@dataclass
-class Figure:
-    """Repeated measurements of one thing, in seconds."""
-
-    name: str
-    samples: list[float] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-    def row(self, baseline: Figure | None = None) -> str:
-        ratio = f"{self.median / baseline.median:.1f}x" if baseline and baseline.median else ""
-        return (f"| {self.name} | {self.median:.3f} | {min(self.samples):.3f} | {max(self.samples):.3f} "
-                f"| {len(self.samples)} | {ratio} |")
 
 
 def bench_component(folder: Path, marker: Path) -> Component:
@@ -388,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     arguments.add_argument("--baseline-repeats", type=int, default=1,
                            help="runs of each session with every job on the worker (minutes each)")
     arguments.add_argument("--sessions", type=int, nargs="*", default=[10, 50], help="session sizes, in jobs")
-    arguments.add_argument("--parts", nargs="*", choices=["jobs", "install", "docker"],
-                           default=["jobs", "install", "docker"])
+    arguments.add_argument("--parts", nargs="*", choices=["jobs", "install", "docker", "operator"],
+                           default=["jobs", "install", "docker", "operator"])
     arguments.add_argument("--no-write", action="store_true", help="print the tables only")
     options = arguments.parse_args(argv)
     sections = {}
@@ -399,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
             sections["install"] = measure_installs(wheelhouse, Path(folder), options.repeats)
         if "jobs" in options.parts:
             sections["overhead"] = measure_jobs(options, Path(folder))
+        if "operator" in options.parts:
+            with fresh_stack(Path(folder) / "operator-stack"):
+                sections["operator"] = measure_operator_views(options.repeats)
         if "docker" in options.parts:
             if docker_engine_answers():
                 sections["docker"] = measure_docker_jobs(options.repeats, Path(folder))

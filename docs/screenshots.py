@@ -1,9 +1,9 @@
 """`make screenshots`: pictures of the real Prefect UI of the embedded stack, for the README and guides.
 
 Runs the demo when the stack has no session run yet, then has headless Chromium (Debian's `chromium`)
-render four pages into `docs/images/`: a session run with its child job runs, a job run with its
+render five pages into `docs/images/`: a session run with its child job runs, a job run with its
 three tasks and its logs (the callback's output among them), an install run's progress artifact,
-and the work pools.
+a session run's job graph artifact, and the work pools.
 """
 
 from __future__ import annotations
@@ -70,9 +70,10 @@ def latest_completed_run(client: SyncPrefectClient, flow_name: str, name_contain
     raise LookupError(f"no completed {flow_name} run {name_contains!r} on this stack; run `make demo` first")
 
 
-def progress_artifact(client: SyncPrefectClient, flow_run_id: UUID) -> UUID:
+def artifact_of(client: SyncPrefectClient, flow_run_id: UUID, kind: str) -> UUID:
+    """The run's artifact of type `kind` (progress, markdown, table)."""
     artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
-        flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), type=ArtifactFilterType(any_=["progress"])
+        flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), type=ArtifactFilterType(any_=[kind])
     ))
     return artifacts[0].id
 
@@ -84,7 +85,8 @@ def pictures(client: SyncPrefectClient) -> list[Picture]:
     return [
         Picture("session-run.png", f"/runs/flow-run/{session}"),
         Picture("job-run.png", f"/runs/flow-run/{job}", height=1800),
-        Picture("install-progress.png", f"/artifacts/artifact/{progress_artifact(client, install)}"),
+        Picture("install-progress.png", f"/artifacts/artifact/{artifact_of(client, install, 'progress')}"),
+        Picture("session-graph.png", f"/artifacts/artifact/{artifact_of(client, session, 'markdown')}"),
         Picture("work-pools.png", "/work-pools"),
     ]
 

@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 
 from blocks.database import DcmDatabase
 from flows.runtime.errors import DatabaseUnavailable, JobError
+from flows.runtime.intake import IntakeWatch
 from flows.runtime.names import BRIDGE_FLOW, DEFAULT_BLOCK
 from flows.runtime.platform_records import PlatformRecords
 from flows.submit import submit_session
@@ -40,10 +41,18 @@ class SessionBridge:
         self.database_block = database_block
         self.say = say
         self.refused: set[str] = set()
+        self.intake = IntakeWatch()
+        self.said_paused = False
 
     def poll_once(self) -> list[str]:
-        """Submit every session that is ready; return their ids."""
-        submitted = []
+        """Submit every session that is ready, unless intake is paused; return their ids."""
+        submitted: list[str] = []
+        if self.intake.paused():
+            if not self.said_paused:
+                self.say("intake is paused (dcm-flows resume): no new session is submitted")
+            self.said_paused = True
+            return submitted
+        self.said_paused = False
         for session_id in self.records.sessions_ready_for_bridge():
             if session_id in self.refused:
                 continue

@@ -25,7 +25,7 @@ from typing import Any
 from uuid import UUID
 
 from prefect import Task, flow, get_run_logger, runtime, tags
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -43,7 +43,8 @@ from prefect.states import Cancelled, Cancelling, Failed, State
 from blocks.database import DcmDatabase, resolved_once
 from flows.job import job_flow
 from flows.runtime.environments import Environment, environment_of_job
-from flows.runtime.errors import AlreadyClaimed, ClaimLost, JobError
+from flows.runtime.errors import AlreadyClaimed, ClaimLost, DatabaseUnavailable, JobError
+from flows.runtime.intake import IntakeWatch
 from flows.runtime.names import DEFAULT_BLOCK, SESSION_FLOW, JobParameters
 from flows.runtime.platform_records import PlatformRecords
 from flows.runtime.records import POST_SERVICES_JOB, JobRecord
@@ -361,6 +362,7 @@ def _run_session(
                 session.in_flight.cancel(runtime.flow_run.id)
             raise
     progress.update(final=True)
+    publish_job_graph(plan, records, session_id)
     for job_id in plan.withheld_clean_up():
         logger.warning("post-services job %s not run: the failed session's data is kept for debugging", job_id)
     failed = plan.failed()
@@ -368,6 +370,16 @@ def _run_session(
         names = ", ".join(f"{plan.jobs[job_id].label} ({job_id})" for job_id in failed)
         return Failed(message=f"session {session_id}: failed jobs: {names}; skipped: {len(plan.skipped())}")
     return {"session_id": session_id, "jobs": len(plan.jobs)}
+
+
+def publish_job_graph(plan: SessionPlan, records: PlatformRecords, session_id: str) -> None:
+    """The session's job graph as a markdown artifact of its run: what ran, failed or was skipped, and why.
+    Durations come from the records; a database that cannot be read now only leaves them out."""
+    try:
+        seconds = {job.id: job.seconds for job in records.progress_of_session(session_id)}
+    except DatabaseUnavailable:
+        seconds = {}
+    create_markdown_artifact(plan.as_markdown(seconds), description="the session's jobs: state, duration, graph")
 
 
 def new_keys_for_job_runs_of_this_attempt() -> None:
@@ -399,6 +411,8 @@ class SessionRun:
         self.held_elsewhere = HeldElsewhere(records)
         self.max_parallel_jobs = max_parallel_jobs
         self.jobs_in_session = jobs_in_session
+        self.intake = IntakeWatch()
+        self.said_paused = False
 
     def start_ready(self) -> bool:
         """Start the jobs that are ready, as many as the free slots allow; False once nothing is left to wait for.
@@ -406,6 +420,12 @@ class SessionRun:
         The post-services job deletes the session's data, so it does not start while any other job of the
         session is in progress anywhere (a job held by another run, a mongo-qas worker's).
         """
+        if self.intake.paused():
+            if not self.said_paused:
+                get_run_logger().warning("intake is paused (dcm-flows resume): running jobs finish, none starts")
+            self.said_paused = True
+            return bool(len(self.in_flight) or self.held_elsewhere or self.plan.ready())
+        self.said_paused = False
         clean_up_waits = False
         for job_id in self.plan.ready()[: self.max_parallel_jobs - len(self.in_flight)]:
             job = self.plan.jobs[job_id]

@@ -4,24 +4,34 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import os
 import sys
+import tempfile
 from pathlib import Path
 from uuid import UUID
 
-from prefect.settings import PREFECT_UI_URL
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+from pydantic import SecretStr
 
-from blocks.database import DcmDatabase
+from blocks.database import ENVIRONMENT_NAME, ENVIRONMENT_PROVIDER, ENVIRONMENT_URL, DcmDatabase
 from blocks.host import home_folder
+from flows.backlog import current_backlog
 from flows.bridge import SessionBridge
+from flows.runtime.intake import set_paused, what_is_paused
 from flows.runtime.names import DEFAULT_BLOCK
 from flows.runtime.platform_records import PlatformRecords
 from flows.submit import submit_install, submit_job, submit_removal, submit_session, wait_for_run
-from ops.prefect_setup import ensure_crash_automations
+from ops.doctor import Doctor
+from ops.find import SEARCH_FIELDS, as_json, as_text, find_work
+from ops.prefect_setup import ensure_crash_automations, ensure_failure_notifications, set_up
 from ops.progress import follow_run, run_link
 from ops.stack import LocalStack
 
 WAIT_SECONDS = 24 * 3600
+PREFECT_CONNECTION = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING")
+"""The settings that point `prefect deploy` (a process of its own) at the same server as this one."""
 
 
 def _stack(arguments: argparse.Namespace) -> LocalStack:
@@ -61,6 +71,9 @@ def stack_status(arguments: argparse.Namespace) -> int:
         print("stack is not running")
         return 1
     print(f"running: Prefect UI {state.ui_url}, database {state.database_url}")
+    with stack.connected(state), get_client(sync_client=True) as client:
+        paused = what_is_paused(client)
+    print("paused: " + ", ".join(paused) if paused else "intake: not paused")
     return 0
 
 
@@ -122,9 +135,79 @@ def remove(arguments: argparse.Namespace) -> int:
 
 def automations(arguments: argparse.Namespace) -> int:
     with _connected(arguments):
-        for name in ensure_crash_automations():
+        names = ensure_crash_automations()
+        if arguments.notify:
+            names += ensure_failure_notifications(arguments.notify)
+        for name in names:
             print(f"automation ready: {name}")
     return 0
+
+
+def _pause_or_resume(arguments: argparse.Namespace, paused: bool) -> int:
+    with _connected(arguments), get_client(sync_client=True) as client:
+        try:
+            changed = set_paused(client, paused, arguments.queue)
+        except ValueError as unknown:
+            print(unknown, file=sys.stderr)
+            return 1
+    for what in changed:
+        print(f"{'paused' if paused else 'resumed'}: {what}")
+    return 0
+
+
+def pause(arguments: argparse.Namespace) -> int:
+    return _pause_or_resume(arguments, paused=True)
+
+
+def resume(arguments: argparse.Namespace) -> int:
+    return _pause_or_resume(arguments, paused=False)
+
+
+def find(arguments: argparse.Namespace) -> int:
+    field = next(field for field in SEARCH_FIELDS if getattr(arguments, field) is not None)
+    with _connected(arguments):
+        records = PlatformRecords(DcmDatabase.resolve(arguments.database_block).open())
+        work = find_work(records, field, getattr(arguments, field))
+        ui_url = PREFECT_UI_URL.value()
+    print(as_json(work, ui_url) if arguments.json else as_text(work, ui_url))
+    return 0 if work else 1
+
+
+def status(arguments: argparse.Namespace) -> int:
+    with _connected(arguments), get_client(sync_client=True) as client:
+        records = PlatformRecords(DcmDatabase.resolve(arguments.database_block).open())
+        rows = current_backlog(records, client)
+        paused = what_is_paused(client)
+    width = max(len(row["what"]) for row in rows)
+    for row in rows:
+        print(f"{row['what']:<{width}}  {row['count']}")
+    print("paused: " + ", ".join(paused) if paused else "intake: not paused")
+    return 0
+
+
+def setup(arguments: argparse.Namespace) -> int:
+    url = os.environ.get(ENVIRONMENT_URL) or getpass.getpass("platform database URL (not shown): ")
+    database = DcmDatabase(provider=os.environ.get(ENVIRONMENT_PROVIDER, "mongodb"), url=SecretStr(url),
+                           database_name=os.environ.get(ENVIRONMENT_NAME, "dcm-processor"))
+    with _connected(arguments):
+        print(f"setting up the Prefect server at {PREFECT_API_URL.value()}")
+        connection = {name: os.environ[name] for name in PREFECT_CONNECTION if name in os.environ}
+        with tempfile.TemporaryDirectory(prefix="dcm-setup-") as folder:
+            set_up(database, connection, Path(folder), say=lambda step: print(f"  {step}", flush=True))
+    print("done; `dcm-flows doctor` checks the whole installation")
+    return 0
+
+
+def doctor(arguments: argparse.Namespace) -> int:
+    stack = _stack(arguments)
+    state = stack.state()
+    socket = stack.warm_engine_socket if state is not None and stack.is_running() else None
+    with _connected(arguments), get_client(sync_client=True) as client:
+        findings = []
+        for finding in Doctor(client, arguments.database_block, socket).findings():
+            print(finding.line(), flush=True)
+            findings.append(finding)
+    return 1 if any(finding.problem for finding in findings) else 0
 
 
 def demo(arguments: argparse.Namespace) -> int:
@@ -196,9 +279,41 @@ def parser() -> argparse.ArgumentParser:
     remove_parser.add_argument("--work-queue", default=None, help="queue of the host the component is on")
     remove_parser.set_defaults(handler=remove)
 
-    commands.add_parser(
+    automations_parser = commands.add_parser(
         "automations", help="create the heartbeat automation that crashes silent runs at once (crash repair, fast)"
-    ).set_defaults(handler=automations)
+    )
+    automations_parser.add_argument(
+        "--notify", metavar="URL", default=None,
+        help="also post to this webhook when a session fails or a job crashes (ids, names, UI link; no patient data)",
+    )
+    automations_parser.set_defaults(handler=automations)
+    for name, handler, meaning in (
+        ("pause", pause, "stop intake: running jobs finish, nothing new starts, the bridge submits nothing"),
+        ("resume", resume, "start intake again after a pause"),
+    ):
+        intake_parser = commands.add_parser(name, help=meaning)
+        intake_parser.add_argument("--queue", default=None,
+                                   help="only this host's work queue (its device id), not the whole platform")
+        intake_parser.set_defaults(handler=handler)
+    find_parser = commands.add_parser(
+        "find", help="a patient's sessions and jobs, from the platform database (nothing of it goes to Prefect)"
+    )
+    searched = find_parser.add_mutually_exclusive_group(required=True)
+    for field in SEARCH_FIELDS:
+        searched.add_argument(f"--{field.replace('_', '-')}", dest=field, metavar="VALUE")
+    find_parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    _database_block_option(find_parser)
+    find_parser.set_defaults(handler=find)
+    status_parser = commands.add_parser("status", help="the backlog at a glance (also the dcm-backlog artifact)")
+    _database_block_option(status_parser)
+    status_parser.set_defaults(handler=status)
+    commands.add_parser(
+        "setup", help="set the Prefect server of PREFECT_API_URL up for this project (idempotent); the database "
+        "URL comes from DCM_DB_URL or a prompt that does not echo it",
+    ).set_defaults(handler=setup)
+    doctor_parser = commands.add_parser("doctor", help="check a running installation step by step and say what to fix")
+    _database_block_option(doctor_parser)
+    doctor_parser.set_defaults(handler=doctor)
     commands.add_parser("demo", help="run the example components end to end on the local stack").set_defaults(
         handler=demo
     )

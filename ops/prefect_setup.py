@@ -10,15 +10,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
+from uuid import UUID
 
 from prefect.automations import Automation
+from prefect.blocks.webhook import Webhook
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.objects import StateType
-from prefect.events.actions import ChangeFlowRunState
+from prefect.events.actions import CallWebhook, ChangeFlowRunState
 from prefect.events.schemas.automations import EventTrigger, Posture
 from prefect.events.schemas.events import ResourceSpecification
 from prefect.exceptions import ObjectNotFound
@@ -28,9 +30,12 @@ from blocks.host import WorkerHost
 from flows.runtime.names import (
     DEFAULT_BLOCK,
     DOCKER_POOL,
+    JOB_FLOW,
     PROCESS_POOL,
+    SESSION_FLOW,
     SESSION_QUEUE,
 )
+from flows.runtime.platform_records import PlatformRecords
 from flows.runtime.variables import MISSED_HEARTBEATS_SECONDS, SILENT_RUN_CRASHED
 from ops.pool_workers import DockerPoolWorker, ProcessPoolWorker
 
@@ -118,12 +123,70 @@ def ensure_crash_automations() -> list[str]:
     return [automation.name]
 
 
-def set_up(database: DcmDatabase, environment: Mapping[str, str], folder: Path) -> None:
+NOTIFY_BLOCK = "dcm-failure-webhook"
+"""The Webhook block the failure notifications post to (its URL is a secret: it may carry a token)."""
+NOTIFY_PAYLOAD = """{
+  "event": "{{ event.event }}",
+  "flow": "{{ flow.name }}",
+  "flow_run_id": "{{ flow_run.id }}",
+  "run_name": {{ flow_run.name | tojson }},
+  "parameters": {{ flow_run.parameters | tojson }},
+  "state": "{{ flow_run.state.name }}",
+  "message": {{ flow_run.state.message | tojson }},
+  "ui_url": {{ flow_run | ui_url | tojson }}
+}"""
+"""What a notification says: ids, names, the state and its message, and the run's UI link. Parameters are ids
+and state messages pass the redaction of every message this runtime writes, so no patient data is in it."""
+NOTIFICATIONS = {
+    "dcm: notify when a session fails": (SESSION_FLOW, ("Failed", "Crashed")),
+    "dcm: notify when a job crashes": (JOB_FLOW, ("Crashed",)),
+}
+
+
+def failure_notification(name: str, flow_name: str, states: tuple[str, ...], webhook_id: UUID) -> Automation:
+    """Post NOTIFY_PAYLOAD to the webhook block each time a run of `flow_name` enters one of `states`."""
+    return Automation(
+        name=name,
+        description=f"Posts to the {NOTIFY_BLOCK} block when a {flow_name} run ends {' or '.join(states)}.",
+        trigger=EventTrigger(
+            expect={f"prefect.flow-run.{state}" for state in states},
+            match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
+            match_related=ResourceSpecification({"prefect.resource.role": "flow", "prefect.resource.name": flow_name}),
+            posture=Posture.Reactive,
+            threshold=1,
+        ),
+        actions=[CallWebhook(block_document_id=webhook_id, payload=NOTIFY_PAYLOAD)],
+    )
+
+
+def ensure_failure_notifications(url: str) -> list[str]:
+    """Save `url` as the webhook block and create the notifications, replacing earlier ones; their names."""
+    webhook_id = Webhook(url=url, headers={"Content-Type": "application/json"}).save(NOTIFY_BLOCK, overwrite=True)
+    with get_client(sync_client=True) as prefect:
+        for name in NOTIFICATIONS:
+            for existing in prefect.read_automations_by_name(name):
+                prefect.delete_automation(existing.id)
+    for name, (flow_name, states) in NOTIFICATIONS.items():
+        failure_notification(name, flow_name, states, webhook_id).create()
+    return list(NOTIFICATIONS)
+
+
+def set_up(database: DcmDatabase, environment: Mapping[str, str], folder: Path,
+           say: Callable[[str], None] = lambda _step: None) -> None:
     """Every step, in order, against the Prefect API this process is connected to (`environment` points the
-    `prefect deploy` command at the same one); `database` is saved as the `default` database block."""
+    `prefect deploy` command at the same one); `database` is saved as the `default` database block. `say` hears
+    each step once it is done."""
     register_block_types()
+    say("block types dcm-database and dcm-worker-host registered")
     create_work_pools()
+    say(f"work pools {PROCESS_POOL} and {DOCKER_POOL} ready")
     deploy(environment, folder)
+    say("deployments of prefect.yaml deployed")
     database.save(DEFAULT_BLOCK, overwrite=True)
+    say(f"database block {DEFAULT_BLOCK} saved (docker jobs read the database from it)")
+    PlatformRecords(database.open()).ensure_indexes()
+    say("indexes of the jobs collection ready")
     ensure_crash_automations()
+    say(f"automation ready: {CRASH_AUTOMATION}")
     limit_sessions_at_once()
+    say(f"work queue {SESSION_QUEUE}: at most {DEFAULT_SESSIONS_AT_ONCE} sessions at once")

@@ -28,7 +28,7 @@ POLL_SECONDS = 0.5
 LINE_WIDTH = 70
 
 
-def run_link(ui_url: str, flow_run_id: UUID) -> str:
+def run_link(ui_url: str, flow_run_id: UUID | str) -> str:
     return f"{ui_url.rstrip('/')}/runs/flow-run/{flow_run_id}"
 
 

@@ -55,6 +55,23 @@ def docker_engine_answers() -> bool:
     return True
 
 
+FLOW_RUN_RETENTION_DAYS = 30
+EVENT_RETENTION_DAYS = 7
+HEARTBEAT_RETENTION_DAYS = 1
+RETENTION = {
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events,flow_runs",
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": str(FLOW_RUN_RETENTION_DAYS * 86400),
+    "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": f"P{EVENT_RETENTION_DAYS}D",
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_EVENT_RETENTION_OVERRIDES": json.dumps(
+        {"prefect.flow-run.heartbeat": HEARTBEAT_RETENTION_DAYS * 86400}
+    ),
+}
+"""Prefect's own retention, on for the embedded stack so that its database stays bounded over months: the
+vacuum service (hourly) deletes flow runs that ended more than 30 days ago with their logs and artifacts, events
+older than 7 days, and heartbeat events (two a minute per running run) older than a day. The job records in the
+platform database keep each job's outcome for good."""
+
+
 class StackError(RuntimeError):
     """A service of the local stack did not start."""
 
@@ -262,8 +279,8 @@ class LocalStack:
         port = str(urlsplit(state.api_url).port)
         self._spawn(state, "prefect-server", [
             sys.executable, "-m", "ops.prefect_server", "--host", "127.0.0.1", "--port", port,
-        ], {**self._prefect_environment(), "PREFECT_UI_API_URL": state.api_url,
-            "PREFECT_SERVER_API_AUTH_STRING": self.api_auth()})
+        ], {**self._prefect_environment(), **RETENTION, "PREFECT_UI_API_URL": state.api_url,
+            "PREFECT_UI_URL": state.ui_url, "PREFECT_SERVER_API_AUTH_STRING": self.api_auth()})
 
     def _wait_for_server(self, state: StackState) -> None:
         _wait("Prefect server", lambda: _http_ok(f"{state.api_url}/health"), self.logs / "prefect-server.log")

@@ -28,7 +28,7 @@ def test_every_process_pool_deployment_hands_its_run_to_the_warm_engine_with_the
 
 def test_prefect_yaml_spells_the_flows_pools_queues_and_block_names_of_the_names_module() -> None:
     flows = {names.JOB_FLOW, names.SESSION_FLOW, names.INSTALL_FLOW, names.REMOVE_FLOW, names.BRIDGE_FLOW,
-             names.RECORD_CRASH_FLOW, names.RECONCILE_FLOW}
+             names.RECORD_CRASH_FLOW, names.RECONCILE_FLOW, names.BACKLOG_FLOW}
     deployed = set()
     for deployment in deployments():
         module, function = deployment["entrypoint"].split(":")

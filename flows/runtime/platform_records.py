@@ -18,7 +18,16 @@ from gridfs.errors import NoFile
 from pymongo.errors import ConnectionFailure
 
 from flows.runtime.errors import AlreadyClaimed, ClaimLost, DatabaseUnavailable, InvalidRecord, JobNotFound
-from flows.runtime.records import POST_SERVICES_JOB, JobRecord, ServiceRecord, WorkerRecord
+from flows.runtime.records import (
+    LABELS,
+    POST_SERVICES_JOB,
+    Backlog,
+    JobProgress,
+    JobRecord,
+    ServiceRecord,
+    WorkerRecord,
+    moment_of,
+)
 
 JOBS = "jobs"
 SERVICES = "services"
@@ -26,6 +35,25 @@ SESSIONS = "sessions"
 WORKERS = "workers"
 SESSION_HOLDER = "sessionFlowRunId"
 """The field of a session's oldest job that names the flow run holding the session."""
+LAST_RUN = "lastFlowRunId"
+"""The flow run that claimed the job last: kept after the outcome (unlike `flowRunId`, the fencing token), so
+that the operator's views can link a finished job to its run."""
+PATIENT_WORK_FIELDS = {
+    "patient_id": "data.kwargs.headers.Metadata.PatientID",
+    "accession": "data.kwargs.headers.Metadata.AccessionNumber",
+    "study_uid": "data.kwargs.headers.StudyInstanceUID",
+}
+"""Where a job record keeps what an operator searches a patient's work by (the listener's header documents)."""
+PROGRESS_FIELDS = ["_id", "sessionId", "data.function_name", "service_name", "job_name", "channel", "done",
+                   "inProgress", "error", "errorMessage", "createdAt", "startedAt", "completedAt", "lastErrorAt",
+                   "flowRunId", LAST_RUN, "sessionFlowRunId"]
+"""What the operator's views read of a job: never `data.kwargs` (patient data) beyond the fields searched."""
+OPERATOR_INDEXES = (
+    ("sessionId",), ("inProgress",), ("done", "error"), ("error", "lastErrorAt"),
+    *((field,) for field in PATIENT_WORK_FIELDS.values()),
+)
+"""The indexes that keep a session's jobs, the backlog and `dcm-flows find` fast on a jobs collection of
+100,000 records and more (without them each is a scan of the whole collection)."""
 PLATFORM_CONSUMER = "default-customer-id"
 """The `consumer_id` DBManager.create_job gives every job; mongo-qas workers claim only jobs that have it."""
 
@@ -125,7 +153,7 @@ class PlatformRecords:
         """
         claimed = self.database.db.find_one_and_update(
             JOBS,
-            {"$set": {"inProgress": True, "startedAt": _now(), "flowRunId": flow_run_id}},
+            {"$set": {"inProgress": True, "startedAt": _now(), "flowRunId": flow_run_id, LAST_RUN: flow_run_id}},
             {"query": {
                 "_id": self.database.make_oid(job_id),
                 "done": {"$ne": True},
@@ -240,6 +268,59 @@ class PlatformRecords:
         return str(anchor[SESSION_HOLDER]) if anchor and anchor.get(SESSION_HOLDER) else None
 
     @database_call
+    def sessions_matching(self, field: str, value: str) -> list[str]:
+        """The ids of the sessions with a job whose `field` (a key of PATIENT_WORK_FIELDS, or `session_id`)
+        is `value`, newest first."""
+        query = self._of_session(value) if field == "session_id" else {PATIENT_WORK_FIELDS[field]: value}
+        documents = self.database.db.find(JOBS, {"query": query, "select": ["sessionId"]})
+        sessions = {str(document["sessionId"]) for document in documents if document.get("sessionId") is not None}
+        return sorted(sessions, reverse=True)
+
+    @database_call
+    def progress_of_session(self, session_id: str) -> list[JobProgress]:
+        """Where each job of a session stands, oldest first."""
+        documents = self.database.db.find(JOBS, {"query": self._of_session(session_id), "select": PROGRESS_FIELDS,
+                                                 "sort": [("createdAt", 1), ("_id", 1)]})
+        return [JobProgress.from_document(document) for document in documents]
+
+    @database_call
+    def backlog(self, failed_since: datetime) -> Backlog:
+        """The Backlog, counted by the database server with equality matches that OPERATOR_INDEXES serve, so it
+        stays fast on a jobs collection of any size. Fields are matched as DBManager.create_job writes them."""
+        jobs = self.database.db.get_db()[JOBS]
+        left = {"done": False, "error": False}
+        sessions = {row["_id"]: row["n"] for row in jobs.aggregate([
+            {"$match": left},
+            {"$group": {"_id": "$sessionId", "running": {"$max": {"$cond": ["$inProgress", 1, 0]}}}},
+            {"$group": {"_id": "$running", "n": {"$sum": 1}}},
+        ])}
+        running = {str(row["_id"] or "(no host)"): row["n"] for row in jobs.aggregate([
+            {"$match": {"inProgress": True}}, {"$group": {"_id": "$channel", "n": {"$sum": 1}}},
+        ])}
+        failed = {
+            str(row["_id"].get("service") or LABELS.get(row["_id"].get("function"), "?")): row["n"]
+            for row in jobs.aggregate([
+                {"$match": {"error": True, "lastErrorAt": {"$gte": failed_since}}},
+                {"$group": {"_id": {"service": "$service_name", "function": "$data.function_name"}, "n": {"$sum": 1}}},
+            ])
+        }
+        oldest = list(jobs.aggregate([
+            {"$match": {**left, "inProgress": False}}, {"$group": {"_id": None, "oldest": {"$min": "$createdAt"}}},
+        ]))
+        return Backlog(
+            sessions_running=sessions.get(1, 0), sessions_waiting=sessions.get(0, 0),
+            running_by_queue=running, failed_by_service=failed,
+            oldest_waiting_since=moment_of(oldest[0]["oldest"]) if oldest else None,
+        )
+
+    @database_call
+    def ensure_indexes(self) -> None:
+        """Create OPERATOR_INDEXES on the jobs collection (an existing index is left as it is)."""
+        jobs = self.database.db.get_db()[JOBS]
+        for fields in OPERATOR_INDEXES:
+            jobs.create_index([(name, 1) for name in fields])
+
+    @database_call
     def latest_session_of_patient(self, patient_id: Any) -> str | None:
         """The id of the newest session the scheduler created for a patient document id."""
         session = self.database.db.find_one(
@@ -266,6 +347,12 @@ class PlatformRecords:
     def find_worker(self, name: str) -> WorkerRecord | None:
         document = self.database.get_worker(name)
         return None if document is None else WorkerRecord.from_document(document)
+
+    @database_call
+    def docker_images(self) -> list[str]:
+        """The image of every installed docker worker."""
+        documents = self.database.db.find(WORKERS, {"query": {"type": "docker"}, "select": ["image"]})
+        return sorted({str(document["image"]) for document in documents if document.get("image")})
 
     @database_call
     def names(self, collection: str) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from bson import ObjectId
@@ -21,6 +22,8 @@ SERVICE_JOB = "dcm_processor_worker.controller"
 PRE_SERVICES_JOB = "dcm_processor_worker.pre_services"
 POST_SERVICES_JOB = "dcm_processor_worker.post_services"
 JOB_FUNCTIONS = (SERVICE_JOB, PRE_SERVICES_JOB, POST_SERVICES_JOB)
+LABELS = {PRE_SERVICES_JOB: "pre-services", POST_SERVICES_JOB: "post-services"}
+"""What people call the session hooks."""
 WORKER_DATA_FILE = "data_dir"
 """The `worker_files` key of a worker's zipped data folder, as the platform's installer names it."""
 
@@ -133,7 +136,7 @@ class JobRecord:
         """A name for humans: service and job name, or the session hook it runs."""
         if self.is_service_job:
             return f"{self.service_name}/{self.job_name}"
-        return "pre-services" if self.function_name == PRE_SERVICES_JOB else "post-services"
+        return LABELS[self.function_name]
 
     @classmethod
     def from_document(cls, document: Mapping[str, Any]) -> JobRecord:
@@ -226,3 +229,88 @@ class WorkerRecord:
     def data_file_id(self) -> str | None:
         """The `componentfiles` id of the worker's zipped data folder, when it has one."""
         return self.worker_files.get(WORKER_DATA_FILE)
+
+
+def moment_of(value: Any) -> datetime | None:
+    """A stored timestamp as an aware UTC datetime (the driver returns naive UTC ones); None if it is none."""
+    if not isinstance(value, datetime):
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _moment(document: Mapping[str, Any], key: str) -> datetime | None:
+    return moment_of(document.get(key))
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """Where one job stands, for the operator's views: read leniently (a malformed record still shows up), and
+    with nothing of its patient data (no `headers`, no `kwargs`)."""
+
+    id: str
+    session_id: str | None
+    label: str
+    state: str
+    """One of `done`, `failed`, `running`, `waiting`."""
+    channel: str | None
+    created_at: datetime | None
+    started_at: datetime | None
+    ended_at: datetime | None
+    error_message: str | None
+    flow_run_id: str | None
+    """The flow run that ran (or runs) the job last, when this runtime ran it."""
+    session_flow_run_id: str | None
+
+    @property
+    def seconds(self) -> float | None:
+        """How long its last attempt took (so far, for a running one)."""
+        if self.started_at is None:
+            return None
+        end = self.ended_at or (datetime.now(timezone.utc) if self.state == "running" else None)
+        return None if end is None or end < self.started_at else (end - self.started_at).total_seconds()
+
+    @classmethod
+    def from_document(cls, document: Mapping[str, Any]) -> JobProgress:
+        function_name = (document.get("data") or {}).get("function_name")
+        if function_name == SERVICE_JOB:
+            label = f"{document.get('service_name')}/{document.get('job_name')}"
+        else:
+            label = LABELS.get(function_name, str(function_name))
+        if document.get("done"):
+            state, ended = "done", _moment(document, "completedAt")
+        elif document.get("inProgress"):
+            state, ended = "running", None
+        elif document.get("error"):
+            state, ended = "failed", _moment(document, "lastErrorAt")
+        else:
+            state, ended = "waiting", None
+        run = document.get("flowRunId") if document.get("inProgress") else None
+        return cls(
+            id=str(document["_id"]),
+            session_id=None if document.get("sessionId") is None else str(document["sessionId"]),
+            label=label,
+            state=state,
+            channel=document.get("channel"),
+            created_at=_moment(document, "createdAt"),
+            started_at=_moment(document, "startedAt"),
+            ended_at=ended,
+            error_message=document.get("errorMessage") if state == "failed" else None,
+            flow_run_id=str(run or document.get("lastFlowRunId") or "") or None,
+            session_flow_run_id=document.get("sessionFlowRunId"),
+        )
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What waits and what runs, counted over every job record: the operator's view of the platform's load."""
+
+    sessions_running: int
+    """Sessions with work left and a job in progress."""
+    sessions_waiting: int
+    """Sessions with work left and no job in progress."""
+    running_by_queue: dict[str, int]
+    """Jobs in progress by channel: the device id that names a host's work queue."""
+    failed_by_service: dict[str, int]
+    """Jobs failed since the cutoff, by service (pre- and post-services by their label)."""
+    oldest_waiting_since: datetime | None
+    """When the oldest job that is neither done, failed nor running was created."""

@@ -156,3 +156,27 @@ class SessionPlan:
         """How much of the session has ended (succeeded, failed or skipped), for progress displays."""
         ended = sum(1 for state in self.states.values() if state.finished)
         return 100.0 * ended / len(self.states)
+
+    def as_markdown(self, seconds: dict[str, float | None]) -> str:
+        """The job graph for people (a Prefect artifact): a row per job in the scheduler's order, with its state,
+        how long it took (`seconds` by job id), the rows it waited for and, for a failed job, the rows it blocked.
+        Labels and states only: no reason text, which may quote a service's message about the patient."""
+        number = {job_id: str(row) for row, job_id in enumerate(self.jobs, start=1)}
+        failed = self.failed()
+        skipped = self.skipped()
+        summary = f"{len(self.jobs)} jobs: " + ", ".join(
+            f"{sum(1 for state in self.states.values() if state is kind)} {kind.value}" for kind in JobState
+            if any(state is kind for state in self.states.values())
+        )
+        rows = ["| # | job | state | took | after | blocked |", "|---|---|---|---|---|---|"]
+        for job_id, job in self.jobs.items():
+            state = self.states[job_id].value
+            took = seconds.get(job_id)
+            blocked = [number[other] for other in skipped if self.reasons.get(other, "").startswith(
+                f"skipped: dependency {job_id} ")]
+            rows.append("| " + " | ".join((
+                number[job_id], job.label, f"**{state}**" if job_id in failed else state,
+                "" if took is None else f"{took:.1f} s", ", ".join(number[other] for other in job.depends_on),
+                ", ".join(blocked),
+            )) + " |")
+        return f"### Job graph\n\n{summary}\n\n" + "\n".join(rows)
