@@ -8,6 +8,7 @@ import getpass
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from uuid import UUID
 
@@ -38,13 +39,19 @@ def _stack(arguments: argparse.Namespace) -> LocalStack:
     return LocalStack(Path(arguments.home))
 
 
-def _connected(arguments: argparse.Namespace) -> contextlib.AbstractContextManager[None]:
-    """Point this process at the local stack when it runs and no other Prefect API is configured."""
+@contextlib.contextmanager
+def _connected(arguments: argparse.Namespace) -> Iterator[None]:
+    """Point this process at the local stack when it runs and no other Prefect API is configured; stop with a
+    clear message when there is no API at all (Prefect would start a temporary server of its own and answer
+    for it, an empty one)."""
     stack = _stack(arguments)
     state = stack.state()
-    if state is not None and os.environ.get("PREFECT_API_URL", state.api_url) == state.api_url:
-        return stack.connected(state)
-    return contextlib.nullcontext()
+    use_stack = state is not None and os.environ.get("PREFECT_API_URL", state.api_url) == state.api_url
+    with stack.connected(state) if state is not None and use_stack else contextlib.nullcontext():
+        if not PREFECT_API_URL.value():
+            raise SystemExit("no Prefect API to talk to: set PREFECT_API_URL (and PREFECT_API_AUTH_STRING), "
+                             "or start the local stack with `dcm-flows stack start`")
+        yield
 
 
 def stack_start(arguments: argparse.Namespace) -> int:

@@ -360,3 +360,16 @@ def test_one_hosts_queue_is_paused_and_resumed_alone_and_an_unknown_queue_is_ref
     assert queue_paused and not pool_paused
     assert resumed.returncode == 0 and "resumed: queue host-b of pool dcm-process" in resumed.stdout
     assert unknown.returncode == 1 and "no pool has a work queue named 'no-such-host'" in unknown.stderr
+
+
+def test_a_command_with_no_prefect_api_to_talk_to_says_so_instead_of_starting_a_temporary_server(
+    tmp_path: Path,
+) -> None:
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("PREFECT_API")}
+
+    answered = subprocess.run([sys.executable, "-m", "ops.cli", "--home", str(tmp_path), "doctor"],
+                              capture_output=True, text=True, env=environment, timeout=60, check=False)
+
+    assert answered.returncode == 1
+    assert "no Prefect API to talk to: set PREFECT_API_URL" in answered.stderr
+    assert "temporary server" not in answered.stderr.lower()
