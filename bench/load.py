@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
 import sys
 import tempfile
 import threading
@@ -20,6 +21,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
+from datetime import date
 from pathlib import Path
 
 from bench.components import service_component
@@ -187,8 +189,20 @@ def markdown(report: LoadReport, series: int) -> str:
     )
 
 
+def measured_on() -> str:
+    """When and on which commit a section's figures were measured, so that a reader can tell figures older
+    than the code they describe (`git log <commit>..` lists what changed since)."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCHMARKS.parent, capture_output=True,
+                            text=True, check=False).stdout.strip() or "unknown"
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=BENCHMARKS.parent,
+                             capture_output=True, text=True, check=False).stdout.strip()
+    return f"_Measured on {date.today().isoformat()} at commit {commit}{' with local changes' if changed else ''}._"
+
+
 def write_benchmarks(section: str, marker: str) -> None:
-    """Replace the part of docs/benchmarks.md between `<!-- marker -->` and `<!-- /marker -->`, or append it."""
+    """Replace the part of docs/benchmarks.md between `<!-- marker -->` and `<!-- /marker -->`, or append it,
+    stamped with `measured_on()`."""
+    section = section.replace(f"<!-- /{marker} -->", f"\n{measured_on()}\n<!-- /{marker} -->")
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
     between = re.compile(f"<!-- {marker} -->.*<!-- /{marker} -->", flags=re.DOTALL)
     text = between.sub(lambda _: section, text) if between.search(text) else text.rstrip("\n") + "\n\n" + section

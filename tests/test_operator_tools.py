@@ -31,11 +31,13 @@ from prefect.client.schemas.filters import (
 )
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectAlreadyExists
+from prefect.states import Crashed, Pending
 from pydantic import TypeAdapter
 
 from bench.components import service_component
 from blocks.database import DcmDatabase
 from flows.bridge import SessionBridge
+from flows.job import job_flow
 from flows.runtime.components import register_service
 from flows.runtime.intake import RECHECK_SECONDS
 from flows.runtime.names import BACKLOG_ARTIFACT, BACKLOG_FLOW, PROCESS_POOL, deployment
@@ -51,6 +53,7 @@ from ops.stack import (
     StackState,
 )
 from tests.conftest import eventually, finished, separate_database
+from tests.platform import Platform
 
 pytestmark = pytest.mark.integration
 
@@ -373,3 +376,21 @@ def test_a_command_with_no_prefect_api_to_talk_to_says_so_instead_of_starting_a_
     assert answered.returncode == 1
     assert "no Prefect API to talk to: set PREFECT_API_URL" in answered.stderr
     assert "temporary server" not in answered.stderr.lower()
+
+
+def test_a_crashed_job_run_is_posted_to_the_operators_webhook(
+    notified: WebhookReceiver, platform: Platform, database: DcmDatabase
+) -> None:
+    job_id = platform.service_job(platform.service("crashing", "def run(*args, **kwargs):\n    return 1\n"))
+    with get_client(sync_client=True) as client:
+        flow_run = client.create_flow_run(job_flow, parameters={"job_id": job_id}, name="crashing/run",
+                                          state=Pending())
+        client.set_flow_run_state(flow_run.id, Crashed(message="its process was killed"), force=True)
+
+    [posted] = eventually(lambda: [json.loads(body) for body in notified.received
+                                   if str(flow_run.id) in body], timeout=60)
+
+    assert posted["flow"] == "dcm-job" and posted["state"] == "Crashed"
+    assert posted["run_name"] == "crashing/run" and posted["parameters"]["job_id"] == job_id
+    assert posted["message"] == "its process was killed"
+    assert database.url.get_secret_value() not in "".join(notified.received)
