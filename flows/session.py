@@ -373,8 +373,8 @@ def _run_session(
 
 
 def publish_job_graph(plan: SessionPlan, records: PlatformRecords, session_id: str) -> None:
-    """The session's job graph as a markdown artifact of its run: what ran, failed or was skipped, and why.
-    Durations come from the records; a database that cannot be read now only leaves them out."""
+    """The session's job graph as a markdown artifact of its run: what ran, failed or was skipped, and what each
+    failure blocked. Durations come from the records; a database that cannot be read now only leaves them out."""
     try:
         seconds = {job.id: job.seconds for job in records.progress_of_session(session_id)}
     except DatabaseUnavailable:
@@ -411,7 +411,7 @@ class SessionRun:
         self.held_elsewhere = HeldElsewhere(records)
         self.max_parallel_jobs = max_parallel_jobs
         self.jobs_in_session = jobs_in_session
-        self.intake = IntakeWatch()
+        self.intake = IntakeWatch(client)
         self.said_paused = False
 
     def start_ready(self) -> bool:

@@ -52,7 +52,7 @@ from ops.stack import (
     LocalStack,
     StackState,
 )
-from tests.conftest import eventually, finished, separate_database
+from tests.conftest import eventually, finished, read_logs, separate_database
 from tests.platform import Platform
 
 pytestmark = pytest.mark.integration
@@ -182,7 +182,7 @@ def paused_and_resumed(local_stack: LocalStack) -> Iterator[None]:
 def test_a_pause_lets_running_jobs_finish_starts_nothing_new_holds_the_bridge_and_a_resume_goes_on(
     database: DcmDatabase, tmp_path: Path, local_stack: LocalStack, stack: StackState, paused_and_resumed: None
 ) -> None:
-    jobs = [{"jobName": "slow", "workerEntry": "measure", "events": ["stable-patient"], "params": {"seconds": 4}},
+    jobs = [{"jobName": "slow", "workerEntry": "measure", "events": ["stable-patient"], "params": {"seconds": 15}},
             {"jobName": "after", "workerEntry": "measure", "events": ["stable-patient"], "dependsOn": "slow"}]
     with separate_database(database, "pause-test") as (block, own):
         records = PlatformRecords(own.open())
@@ -203,13 +203,15 @@ def test_a_pause_lets_running_jobs_finish_starts_nothing_new_holds_the_bridge_an
         by_name = {job.job_name: job for job in records.session_jobs(session_id)}
         eventually(lambda: records.job(by_name["slow"].id).in_progress, timeout=120)
         dcm_flows(local_stack, "pause")
+        [session_run] = session_runs_of(session_id)
+        eventually(lambda: any("intake is paused" in log.message for log in read_logs(session_run.id)), timeout=30)
+        assert records.job(by_name["slow"].id).in_progress, "the session saw the pause while its job still ran"
         eventually(lambda: records.job(by_name["slow"].id).done, timeout=60)
         time.sleep(RECHECK_SECONDS + 3)
         after = records.job(by_name["after"].id)
         assert not after.in_progress and not after.done, "a job started while intake was paused"
 
         dcm_flows(local_stack, "resume")
-        [session_run] = eventually(lambda: session_runs_of(session_id), timeout=30)
         assert finished(session_run.id, timeout=120).state.is_completed()
         assert records.job(by_name["after"].id).done
 

@@ -58,15 +58,23 @@ def what_is_paused(client: SyncPrefectClient) -> list[str]:
 
 class IntakeWatch:
     """Whether the process pool, which runs the sessions and the bridge, is paused; read at most every
-    RECHECK_SECONDS, and taken as not paused while the API cannot say (a pause is no reason to stop work)."""
+    RECHECK_SECONDS through `client` (a client of its own per read when None), and taken as not paused while the
+    API cannot say (a pause is no reason to stop work)."""
 
-    def __init__(self) -> None:
+    def __init__(self, client: SyncPrefectClient | None = None) -> None:
+        self.client = client
         self._paused = False
         self._read_at = float("-inf")
 
     def paused(self) -> bool:
         if time.monotonic() - self._read_at >= RECHECK_SECONDS:
             self._read_at = time.monotonic()
-            with contextlib.suppress(PrefectException, httpx.HTTPError), get_client(sync_client=True) as client:
-                self._paused = bool(client.read_work_pool(PROCESS_POOL).is_paused)
+            with contextlib.suppress(PrefectException, httpx.HTTPError):
+                self._paused = self._read()
         return self._paused
+
+    def _read(self) -> bool:
+        if self.client is not None:
+            return bool(self.client.read_work_pool(PROCESS_POOL).is_paused)
+        with get_client(sync_client=True) as client:
+            return bool(client.read_work_pool(PROCESS_POOL).is_paused)
