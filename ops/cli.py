@@ -54,6 +54,10 @@ def _connected(arguments: argparse.Namespace) -> Iterator[None]:
         yield
 
 
+def _say_what_is_paused(paused: list[str]) -> None:
+    print("paused: " + ", ".join(paused) if paused else "intake: not paused")
+
+
 def stack_start(arguments: argparse.Namespace) -> int:
     stack = _stack(arguments)
     state = stack.start()
@@ -80,7 +84,7 @@ def stack_status(arguments: argparse.Namespace) -> int:
     print(f"running: Prefect UI {state.ui_url}, database {state.database_url}")
     with stack.connected(state), get_client(sync_client=True) as client:
         paused = what_is_paused(client)
-    print("paused: " + ", ".join(paused) if paused else "intake: not paused")
+    _say_what_is_paused(paused)
     return 0
 
 
@@ -188,7 +192,7 @@ def status(arguments: argparse.Namespace) -> int:
     width = max(len(row["what"]) for row in rows)
     for row in rows:
         print(f"{row['what']:<{width}}  {row['count']}")
-    print("paused: " + ", ".join(paused) if paused else "intake: not paused")
+    _say_what_is_paused(paused)
     return 0
 
 
