@@ -82,6 +82,9 @@ def execute(run: JobRun, prepared: PreparedJob) -> Any:
     """Run the job's callback in a child process of its environment, streaming its output."""
     with get_client(sync_client=True) as client:
         logger = get_run_logger()
+        if prepared.returned_earlier is not None:
+            logger.warning("%s: its callback returned in an earlier run on this host whose process died before it "
+                           "recorded the outcome; that value is recorded, the callback is not called again", run.label)
         on_line = line_logger(logger, run.redact)
         return run.execute(prepared, on_line, _cancellation_check(client, run.flow_run_id, logger))
 

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
-from flows.runtime.callback import Callback
+from flows.runtime.callback import Callback, Returned
 from flows.runtime.environments import environment_for
 from flows.runtime.errors import CallbackFailed, InvalidRecord, RunCancelled, UnknownWorkerType
+from flows.runtime.job_run import CALLS_FOLDER, EXECUTE_STEP, JOB_FOLDER_PREFIX, returned_in_an_abandoned_run
 from flows.runtime.records import WorkerRecord
 from flows.runtime.variables import SERVICE_PREFIX, callback_variables
 
@@ -127,6 +133,47 @@ def test_processes_that_leave_the_callbacks_group_are_killed_with_it(tmp_path: P
                 break
             time.sleep(0.1)
         assert not running(pid), f"process {pid} outlived its callback"
+
+
+def test_a_callback_whose_process_is_killed_after_it_returned_has_returned(tmp_path: Path) -> None:
+    source = (
+        "import os, signal, threading, time\n"
+        "def end_by_a_signal():\n"
+        "    time.sleep(0.5)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "def run():\n"
+        "    threading.Thread(target=end_by_a_signal).start()\n"
+        "    return 'done'\n"
+    )
+
+    value, _ = run_module(tmp_path, source)
+
+    assert value == "done"
+
+
+def test_only_a_private_folder_of_a_dead_run_is_believed_for_what_the_callback_returned() -> None:
+    job_id = uuid.uuid4().hex[:24]
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    folder = Path(tempfile.gettempdir()) / f"{JOB_FOLDER_PREFIX}{job_id}-{ended.pid}-abcd1234"
+    call = folder / CALLS_FOLDER / f"03-{EXECUTE_STEP}-run"
+    call.mkdir(parents=True)
+    (folder / CALLS_FOLDER / "01-pre-callback").mkdir()
+    (folder / CALLS_FOLDER / "01-pre-callback" / "result.json").write_text(json.dumps({"result": "a script's"}))
+    try:
+        (call / "result.json").write_text(json.dumps({"error": {"message": "it raised"}}))
+        folder.chmod(0o700)
+        assert returned_in_an_abandoned_run(job_id) is None
+
+        (call / "result.json").write_text(json.dumps({"result": {"value": 7}}))
+        folder.chmod(0o777)
+        assert returned_in_an_abandoned_run(job_id) is None
+
+        folder.chmod(0o700)
+        assert returned_in_an_abandoned_run(job_id) == Returned({"value": 7})
+        assert returned_in_an_abandoned_run(uuid.uuid4().hex[:24]) is None
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_a_stop_request_kills_the_callback_and_reports_a_cancellation(tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ from tests.conftest import (
     running_callback,
     separate_database,
 )
-from tests.platform import Platform, parent_of
+from tests.platform import Platform, job_folder_of, parent_of
 
 pytestmark = pytest.mark.integration
 
@@ -109,6 +109,55 @@ def test_a_job_that_failed_once_and_whose_next_run_crashes_is_failed_and_can_be_
     record = eventually(lambda: (job := platform.job(job_id))["inProgress"] is False and job, timeout=90)
     assert f"flow run {flow_run_id} crashed" in record["errorMessage"] and record["attempts"] == 2
     platform.records.claim(job_id, live_run())
+
+
+FINISHING_SERVICE = """
+import os, threading, time
+
+def run(session_id, job_name, headers, params, added_params, **kwargs):
+    with open(params["pid_file"], "w") as pid_file:
+        pid_file.write(str(os.getpid()))
+    while not os.path.exists(params["go"]):
+        time.sleep(0.05)
+    with open(params["side_effects"], "a") as side_effects:
+        side_effects.write("side effect\\n")
+    threading.Thread(target=time.sleep, args=(params["linger"],)).start()
+    return {"value": 7}
+"""
+
+
+@pytest.mark.parametrize("callback_process_ended", [True, False], ids=["callback-process-ended", "still-ending"])
+def test_a_callback_that_returned_before_its_run_died_unrecorded_is_recorded_by_the_retry_and_not_run_again(
+    platform: Platform, tmp_path: Path, callback_process_ended: bool
+) -> None:
+    pid_file, go, side_effects = tmp_path / "pid", tmp_path / "go", tmp_path / "side-effects"
+    job_id = platform.service_job(platform.service(f"finishing-{tmp_path.name}", FINISHING_SERVICE))
+    platform.manager.db.update("jobs", job_id, {"$set": {"data.kwargs.params": {
+        "pid_file": str(pid_file), "go": str(go), "side_effects": str(side_effects),
+        "linger": 0 if callback_process_ended else 60,
+    }}})
+    first_run = submit_job(job_id)
+    callback = running_callback(pid_file)
+    run_process, job_folder = parent_of(callback), job_folder_of(callback)
+    if callback_process_ended:  # the run's process stands still between the callback's exit and the record's write
+        os.kill(run_process, signal.SIGSTOP)
+
+    go.touch()
+    eventually(lambda: list(job_folder.glob("calls/*/result.json")), timeout=30, interval=0.05)
+    if callback_process_ended:
+        eventually(lambda: not process_alive(callback), timeout=30)
+    os.kill(run_process, signal.SIGKILL)
+
+    assert finished(first_run, timeout=60).state.is_crashed()
+    eventually(lambda: platform.job(job_id)["inProgress"] is False, timeout=90)
+    retry = finished(submit_job(job_id))  # what an operator does: run the failed job again
+
+    assert retry.state.is_completed(), retry.state.message
+    assert side_effects.read_text().splitlines() == ["side effect"], "the callback ran to its end twice"
+    record = platform.job(job_id)
+    assert record["done"] is True and record["error"] is False and record["result"] == {"value": 7}
+    assert not job_folder.exists()
+    assert not process_alive(callback)
 
 
 POST_SCRIPT = """

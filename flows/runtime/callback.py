@@ -17,13 +17,13 @@ from typing import Any
 
 from dcm_processor_db_provider import DBManager
 
+from flows.runtime.callback_wrapper import RESULT_NAME
 from flows.runtime.errors import CallbackFailed, RunCancelled
 from flows.runtime.process import ChildExit
 
 WRAPPER_SOURCE = Path(__file__).with_name("callback_wrapper.py")
 WRAPPER_NAME = "dcm_callback.py"
 INVOCATION_NAME = "invocation.json"
-RESULT_NAME = "result.json"
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,28 @@ def _describe_exit(callback: Callback, child: ChildExit) -> str:
     return f"{callback.name} exited with code {child.returncode} before it returned (crashed)"
 
 
+@dataclass(frozen=True)
+class Returned:
+    """What a callback returned, as its wrapper wrote it."""
+
+    value: Any
+
+
+def returned_value(folder: Path) -> Returned | None:
+    """What the callback of a call folder returned, if its wrapper wrote that it returned (not that it raised)."""
+    try:
+        outcome = json.loads((folder / RESULT_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return Returned(outcome["result"]) if isinstance(outcome, dict) and "result" in outcome else None
+
+
 def read_outcome(folder: Path, callback: Callback, child: ChildExit) -> Any:
-    """The callback's return value, or CallbackFailed saying why there is none."""
+    """The callback's return value, or CallbackFailed saying why there is none.
+
+    A callback that returned has run to its end, side effects and all, even when its process was killed by a
+    signal before it exited: calling that a failure would have the job's retry run it a second time.
+    """
     result_file = folder / RESULT_NAME
     if child.stopped:
         raise RunCancelled(f"the run was cancelled while {callback.name} ran; its process tree was killed")
@@ -89,6 +109,6 @@ def read_outcome(folder: Path, callback: Callback, child: ChildExit) -> Any:
         raise CallbackFailed(
             f"{callback.name} failed: {error.get('message', 'unknown error')}", error.get("traceback", "")
         )
-    if child.returncode != 0:
+    if child.returncode > 0:
         raise CallbackFailed(f"{callback.name} returned but its process exited with code {child.returncode}")
     return outcome.get("result")

@@ -17,6 +17,7 @@ import time
 import traceback
 
 FOLDER = os.path.dirname(os.path.abspath(__file__))
+RESULT_NAME = "result.json"
 PARENT_CHECK_SECONDS = 0.5
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PDEATHSIG = 1
@@ -100,12 +101,13 @@ def end_with_parent(parent, workspace):
 
 def end_now(workspace):
     """Kill this process group (the callback and whatever it started) and remove the job's temporary folder:
-    the run that started the callback is gone, and nothing else is left to clean up."""
+    the run that started the callback is gone, and nothing else is left to clean up. Once the callback has
+    returned, the folder stays: its result is what the job's next run records instead of calling it again."""
     for pid in others_in_process_group():
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     kill_descendants()
-    if workspace:
+    if workspace and not os.path.exists(os.path.join(FOLDER, RESULT_NAME)):
         shutil.rmtree(workspace, ignore_errors=True)
     os.killpg(os.getpgrp(), signal.SIGKILL)
 
@@ -181,10 +183,10 @@ def main():
     die_with_parent(parent, workspace)
     threading.Thread(target=end_with_parent, args=(parent, workspace), daemon=True).start()
     outcome = outcome_of(invocation)
-    partial = os.path.join(FOLDER, "result.json.partial")
+    partial = os.path.join(FOLDER, RESULT_NAME + ".partial")
     with open(partial, "w") as stream:
         json.dump(outcome, stream)
-    os.replace(partial, os.path.join(FOLDER, "result.json"))
+    os.replace(partial, os.path.join(FOLDER, RESULT_NAME))
     kill_descendants()
 
 

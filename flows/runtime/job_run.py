@@ -20,11 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from flows.runtime.archive import extract_archive
-from flows.runtime.callback import Callback
+from flows.runtime.callback import Callback, Returned, returned_value
 from flows.runtime.environments import Environment, JobFolders, environment_of_job
 from flows.runtime.errors import CallbackFailed, ClaimLost, InvalidRecord, JobError, JobNotRunnable, RunCancelled
 from flows.runtime.platform_records import PlatformRecords
-from flows.runtime.process import LineHandler, StopCheck, folder_of_this_process, remove_abandoned_folders
+from flows.runtime.process import (
+    LineHandler,
+    StopCheck,
+    abandoned_folders,
+    folder_of_this_process,
+    is_private,
+    remove_abandoned_folders,
+)
 from flows.runtime.records import POST_SERVICES_JOB, PRE_SERVICES_JOB, JobRecord
 from flows.runtime.redaction import Redactor
 from flows.runtime.variables import callback_variables, service_variables
@@ -32,6 +39,9 @@ from flows.runtime.variables import callback_variables, service_variables
 JOB_FOLDER_PREFIX = "dcm-job-"
 """A job's temporary folder is named `dcm-job-<job id>-<pid of the run's process>-<random>`."""
 SERVICE_MODULE = "service_module"
+CALLS_FOLDER = "calls"
+"""Each call of a run has a folder in it, `<number>-<step>-<function>`: the step is pre, execute or post."""
+EXECUTE_STEP = "execute"
 SESSION_HOOKS = {PRE_SERVICES_JOB: "run_pre_services", POST_SERVICES_JOB: "run_post_services"}
 
 
@@ -43,16 +53,18 @@ class PreparedJob:
     variables, for each task that takes it.
     """
 
-    __slots__ = ("environment", "folders", "job", "variables", "workspace")
+    __slots__ = ("environment", "folders", "job", "returned_earlier", "variables", "workspace")
 
     def __init__(self, job: JobRecord, environment: Environment, workspace: Path, folders: JobFolders,
-                 variables: dict[str, str]) -> None:
+                 variables: dict[str, str], returned_earlier: Returned | None = None) -> None:
         self.job = job
         self.environment = environment
         self.workspace = workspace
         self.folders = folders
         self.variables = variables
         """The callback's environment variables (they hold the database URL: never log them)."""
+        self.returned_earlier = returned_earlier
+        """What the job's callback returned in an earlier run on this host that died before recording it."""
 
     @property
     def allowed_attempts(self) -> int:
@@ -76,8 +88,9 @@ class JobRun:
     """The steps of one `dcm-job` flow run against one platform database.
 
     It remembers only what outlives a step or one attempt of it: whether the job was claimed (so that its
-    outcome is written), the temporary folder it made (so that it is removed however the run ends), the
-    worker scripts that ran, and the outcome the post-scripts left (so that a retry only writes it).
+    outcome is written), the temporary folder it made (so that it is removed however the run ends), what an
+    abandoned earlier run's callback returned (read once, before that run's folder is removed), the worker
+    scripts that ran, and the outcome the post-scripts left (so that a retry only writes it).
     """
 
     def __init__(self, records: PlatformRecords, job_id: str, flow_run_id: str) -> None:
@@ -90,6 +103,7 @@ class JobRun:
         self.workspace: Path | None = None
         self._calls = 0
         self._scripts_run: set[tuple[str, str]] = set()
+        self._returned_earlier: Returned | None = None
         self._settled: tuple[BaseException | None] | None = None
         self._redactor = Redactor.for_job({}, records.database.dburl)
 
@@ -123,6 +137,7 @@ class JobRun:
         environment = environment_of_job(job, self.records)
         environment.check()
         if self.workspace is None:
+            self._returned_earlier = returned_in_an_abandoned_run(job.id)
             remove_abandoned_folders(JOB_FOLDER_PREFIX)
             self.workspace = folder_of_this_process(f"{JOB_FOLDER_PREFIX}{job.id}-")
         workspace = self.workspace
@@ -137,14 +152,15 @@ class JobRun:
                             folders.data)
         variables = callback_variables(service_variables(job, self.records.database), environment.extra_variables(),
                                        whole_base=environment.inherits_whole_environment)
-        prepared = PreparedJob(job, environment, workspace, folders, variables)
-        self._run_scripts(prepared, "pre", environment.settings.pre_scripts, on_line)
+        prepared = PreparedJob(job, environment, workspace, folders, variables, self._returned_earlier)
+        if self._returned_earlier is None:
+            self._run_scripts(prepared, "pre", environment.settings.pre_scripts, on_line)
         return prepared
 
-    def _call(self, prepared: PreparedJob, callback: Callback, on_line: LineHandler,
+    def _call(self, prepared: PreparedJob, step: str, callback: Callback, on_line: LineHandler,
               timeout_seconds: float | None = None, should_stop: StopCheck | None = None) -> Any:
         self._calls += 1
-        folder = prepared.workspace / "calls" / f"{self._calls:02d}-{callback.function}"
+        folder = prepared.workspace / CALLS_FOLDER / f"{self._calls:02d}-{step}-{callback.function}"
         try:
             return prepared.environment.run(callback, folder, prepared.variables, timeout_seconds, on_line,
                                             should_stop)
@@ -170,7 +186,7 @@ class JobRun:
             content = self.records.component_file(worker.worker_files[name], f"script '{name}'")
             (scripts / f"{module}.py").write_bytes(content)
             kwargs = {**prepared.job.kwargs, "session_dir": str(prepared.folders.session)}
-            self._call(prepared, self._callback(prepared, module, "callback", kwargs, [str(scripts)]), on_line)
+            self._call(prepared, step, self._callback(prepared, module, "callback", kwargs, [str(scripts)]), on_line)
             self._scripts_run.add((step, name))
 
     def _callback(self, prepared: PreparedJob, module: str, function: str, kwargs: dict[str, Any],
@@ -182,7 +198,10 @@ class JobRun:
         )
 
     def execute(self, prepared: PreparedJob, on_line: LineHandler, should_stop: StopCheck | None = None) -> Any:
-        """Execute: run the job's callback once in its environment and return its value."""
+        """Execute: run the job's callback once in its environment and return its value; or return what it
+        returned in an earlier run that died before recording it, without calling it again."""
+        if prepared.returned_earlier is not None:
+            return prepared.returned_earlier.value
         job = prepared.job
         if job.is_service_job:
             callback = self._callback(
@@ -191,7 +210,7 @@ class JobRun:
         else:
             callback = self._callback(prepared, "dcm_processor_service", SESSION_HOOKS[job.function_name],
                                       job.kwargs, [])
-        return self._call(prepared, callback, on_line, job.timeout_seconds, should_stop)
+        return self._call(prepared, EXECUTE_STEP, callback, on_line, job.timeout_seconds, should_stop)
 
     def finish(self, prepared: PreparedJob | None, on_line: LineHandler, failed_attempts: int,
                result: Any = None, error: BaseException | None = None) -> Outcome:
@@ -231,6 +250,24 @@ class JobRun:
         if self.workspace is not None:
             shutil.rmtree(self.workspace, ignore_errors=True)
             self.workspace = None
+
+
+def returned_in_an_abandoned_run(job_id: str) -> Returned | None:
+    """What the job's callback returned in an earlier run on this host whose process died before it recorded
+    the outcome (killed, or its host's power cut, between the callback's return and the record's write).
+
+    The job's next run records that value instead of calling the callback again: the callback ran to its end,
+    side effects and all. Only this user's private folders are believed (another user could make a folder of
+    the same name in the shared temporary folder); each is removed by the run's `remove_abandoned_folders`.
+    """
+    for folder in abandoned_folders(f"{JOB_FOLDER_PREFIX}{job_id}-"):
+        if not is_private(folder):
+            continue
+        for call in sorted((folder / CALLS_FOLDER).glob(f"*-{EXECUTE_STEP}-*"), reverse=True):
+            returned = returned_value(call)
+            if returned is not None:
+                return returned
+    return None
 
 
 def describe_failure(error: BaseException) -> str:

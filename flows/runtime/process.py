@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -73,13 +74,36 @@ def folder_of_this_process(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
 
 
-def remove_abandoned_folders(prefix: str) -> None:
-    """Remove this host's temporary folders named by `folder_of_this_process(prefix + ...)` whose process is
-    gone (a run killed while it prepared or ran a job, a pool worker killed mid-run)."""
+def abandoned_folders(prefix: str) -> list[Path]:
+    """This user's temporary folders named by `folder_of_this_process(prefix + ...)` whose process is gone (a
+    run killed while it prepared or ran a job, a pool worker killed mid-run), newest first. A folder another
+    user made under such a name is not one of ours."""
+    found = []
     for folder in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
         owner = folder.name.rsplit("-", 2)[-2] if folder.name.count("-") >= 2 else ""
-        if owner.isdigit() and not _exists(int(owner)):
-            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            status = folder.lstat()
+        except OSError:
+            continue
+        ours = stat.S_ISDIR(status.st_mode) and status.st_uid == os.getuid()
+        if ours and owner.isdigit() and not _exists(int(owner)):
+            found.append((status.st_mtime, folder))
+    return [folder for _, folder in sorted(found, reverse=True)]
+
+
+def is_private(folder: Path) -> bool:
+    """Whether only this user can have written into `folder` (what `folder_of_this_process` makes)."""
+    try:
+        status = folder.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(status.st_mode) and status.st_uid == os.getuid() and not status.st_mode & 0o077
+
+
+def remove_abandoned_folders(prefix: str) -> None:
+    """Remove this host's `abandoned_folders(prefix)`."""
+    for folder in abandoned_folders(prefix):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _exists(pid: int) -> bool:
