@@ -42,7 +42,13 @@ from pathlib import Path
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterStartTime
+from prefect.client.schemas.filters import (
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterName,
+    FlowRunFilterStartTime,
+)
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Scheduled
 
@@ -71,12 +77,12 @@ import time
 def work(session_id, job_name, headers, params, added_params, **kwargs):
     job_id = os.environ["DCM-PROCESSOR-SERVICE-JOB-ID"]
     with open(params["starts"], "a") as starts:
-        starts.write(f"{job_id} {os.getpid()}\\n")
+        starts.write(f"{job_id} {os.getpid()} {time.time():.1f}\\n")
     low, high = params["seconds"]
     share = int(hashlib.sha256(job_id.encode()).hexdigest(), 16) % 1000 / 999
     time.sleep(low + (high - low) * share)
     with open(params["side_effects"], "a") as side_effects:
-        side_effects.write(job_id + "\\n")
+        side_effects.write(f"{job_id} {os.getpid()} {time.time():.1f}\\n")
     return 1
 '''
 RESTARTED_SERVICES = ("pool worker", "warm engine")
@@ -159,6 +165,9 @@ class ChaosReport:
     leftover_containers: int
     seconds_to_consistent: float | None
     wall_seconds: float
+    twice: dict[str, list[str]]
+    """For each job whose callback ran to its end twice: its callbacks and its flow runs' states, in seconds
+    after the sessions were submitted (ids only), to tell how it came about."""
 
     @property
     def healthy(self) -> bool:
@@ -176,15 +185,24 @@ class CallbackLog:
         self.starts = folder / "starts"
         self.side_effects = folder / "side-effects"
 
-    def started(self) -> list[tuple[str, int]]:
-        lines = self.starts.read_text().splitlines() if self.starts.exists() else []
-        return [(job_id, int(pid)) for job_id, pid in (line.split() for line in lines if line.count(" ") == 1)]
+    @staticmethod
+    def _entries(log: Path) -> list[tuple[str, int, float]]:
+        """(job id, pid, Unix time) of each whole line of a log."""
+        lines = log.read_text().splitlines() if log.exists() else []
+        return [(job_id, int(pid), float(moment))
+                for job_id, pid, moment in (line.split() for line in lines if line.count(" ") == 2)]
+
+    def started(self) -> list[tuple[str, int, float]]:
+        return self._entries(self.starts)
+
+    def finished(self) -> list[tuple[str, int, float]]:
+        return self._entries(self.side_effects)
 
     def running_callbacks(self) -> list[int]:
-        return [pid for _, pid in self.started() if process_alive(pid)]
+        return [pid for _, pid, _ in self.started() if process_alive(pid)]
 
     def completions(self) -> Counter[str]:
-        return Counter(self.side_effects.read_text().split()) if self.side_effects.exists() else Counter()
+        return Counter(job_id for job_id, _, _ in self.finished())
 
 
 class FaultInjector:
@@ -224,9 +242,14 @@ class FaultInjector:
         print(f"  {fault.restored_at:7.1f} s  {fault.kind}: {fault.target}", flush=True)
 
     def _kill(self, fault: Fault, name: str) -> None:
-        with self.stack_lock:
-            if self.state.is_ours(name) and send_signal(self.state.processes[name], signal.SIGKILL):
-                fault.target = f"pid {self.state.processes[name]} SIGKILLed"
+        """SIGKILL a supervised process; one that is down (killed a moment before) is waited for until it is back."""
+        deadline = time.monotonic() + TARGET_WAIT_SECONDS
+        while time.monotonic() < deadline and self.work_left():
+            with self.stack_lock:
+                if self.state.is_ours(name) and send_signal(self.state.processes[name], signal.SIGKILL):
+                    fault.target = f"pid {self.state.processes[name]} SIGKILLed"
+                    return
+            time.sleep(0.5)
 
     def _stop_for_a_while(self, fault: Fault, stop: Callable[[StackState], None],
                           start: Callable[[StackState], None]) -> None:
@@ -394,6 +417,19 @@ def leftover_containers() -> int:
     return found
 
 
+def timeline_of(job_id: str, callbacks: CallbackLog, began_at: float) -> list[str]:
+    """What happened to one job: its callbacks' starts and ends, and each state of each of its flow runs."""
+    events = [(moment, f"callback pid {pid} started") for job, pid, moment in callbacks.started() if job == job_id]
+    events += [(moment, f"callback pid {pid} ran to its end") for job, pid, moment in callbacks.finished()
+               if job == job_id]
+    with get_client(sync_client=True) as client:
+        for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_=job_id))):
+            for state in client.read_flow_run_states(run.id):
+                events.append((state.timestamp.timestamp(),
+                               f"run {run.id}: {state.name}: {(state.message or '')[:300]}"))
+    return [f"{moment - began_at:7.1f} s  {what}" for moment, what in sorted(events)]
+
+
 def reconciler_pass_after(moment: datetime) -> bool:
     """Whether a `dcm-reconcile` run that started after `moment` has completed."""
     with get_client(sync_client=True) as client:
@@ -420,7 +456,7 @@ def run_chaos(stack: LocalStack, state: StackState, database: DcmDatabase, size:
         session_ids.append(schedule_stable_patient(database, records))
     inspector = Inspector(records, session_ids, callbacks)
     faults = schedule(size, seed)
-    began = time.monotonic()
+    began, began_at = time.monotonic(), time.time()
     operator = Operator([submit_session(session_id) for session_id in session_ids])
     injector = FaultInjector(stack, state, callbacks, began, seed, work_left=operator.work_left)
     supervisor = Supervisor(stack, state, injector.stack_lock)
@@ -462,6 +498,8 @@ def run_chaos(stack: LocalStack, state: StackState, database: DcmDatabase, size:
         leftover_containers=leftover_containers(),
         seconds_to_consistent=round(consistent, 1) if consistent is not None else None,
         wall_seconds=round(time.monotonic() - began, 1),
+        twice={job_id: timeline_of(job_id, callbacks, began_at)
+               for job_id, count in completions.items() if count > 1},
     )
 
 

@@ -148,7 +148,7 @@ def job_flow(job_id: str, database_block: str = DEFAULT_BLOCK) -> Any:
         get_run_logger().warning("%s: %s", run.label, lost)
         return Cancelled(name=ClaimLost.state_name, message=f"{run.label}: {lost}")
     finally:
-        run.remove_workspace()
+        run.leave()
 
 
 def _run_job(run: JobRun) -> Any:

@@ -37,6 +37,7 @@ from tests.conftest import (
     eventually,
     finished,
     read_flow_run,
+    read_logs,
     running_callback,
     separate_database,
 )
@@ -468,8 +469,9 @@ def test_a_database_outage_while_a_job_starts_and_while_it_finishes_is_ridden_ou
     assert record.get("attempts", 0) == 0
 
 
-def test_a_database_outage_that_outlasts_the_retries_crashes_the_run_and_the_record_is_fixed_when_it_returns(
-    platform: Platform, start_sleeper: Callable[..., SleeperRun], stack: StackState, local_stack: LocalStack
+def test_a_database_outage_that_outlasts_the_retries_crashes_the_run_and_its_retry_records_what_the_callback_returned(
+    platform: Platform, start_sleeper: Callable[..., SleeperRun], stack: StackState, local_stack: LocalStack,
+    tmp_path: Path,
 ) -> None:
     sleeper = start_sleeper(sleep=3)
     job_id, flow_run_id = sleeper.job_id, sleeper.flow_run_id
@@ -481,6 +483,15 @@ def test_a_database_outage_that_outlasts_the_retries_crashes_the_run_and_the_rec
     record = eventually(lambda: (job := platform.job(job_id))["error"] and job, timeout=150, interval=1)
     assert record["done"] is False and record["inProgress"] is False
     assert f"flow run {flow_run_id} crashed" in record["errorMessage"]
+
+    (tmp_path / "callback.pid").unlink()
+    retry = finished(submit_job(job_id))  # what docs/operating.md tells an operator to do after a long outage
+
+    assert retry.state.is_completed(), retry.state.message
+    assert not (tmp_path / "callback.pid").exists(), "the retry called the callback again"
+    record = platform.job(job_id)
+    assert record["done"] is True and record["error"] is False and record["result"] == "slept"
+    assert any("the callback is not called again" in log.message for log in read_logs(retry.id))
 
 
 def test_a_prefect_server_restart_in_the_middle_of_a_session_loses_no_job_and_runs_none_twice(

@@ -88,9 +88,10 @@ class JobRun:
     """The steps of one `dcm-job` flow run against one platform database.
 
     It remembers only what outlives a step or one attempt of it: whether the job was claimed (so that its
-    outcome is written), the temporary folder it made (so that it is removed however the run ends), what an
-    abandoned earlier run's callback returned (read once, before that run's folder is removed), the worker
-    scripts that ran, and the outcome the post-scripts left (so that a retry only writes it).
+    outcome is written), the temporary folder it made (so that it is removed however the run ends, but for a
+    callback that returned unrecorded), what an abandoned earlier run's callback returned (read once, before
+    that run's folder is removed), the worker scripts that ran, and the outcome the post-scripts left (so that
+    a retry only writes it).
     """
 
     def __init__(self, records: PlatformRecords, job_id: str, flow_run_id: str) -> None:
@@ -104,6 +105,8 @@ class JobRun:
         self._calls = 0
         self._scripts_run: set[tuple[str, str]] = set()
         self._returned_earlier: Returned | None = None
+        self._returned = False
+        self._recorded = False
         self._settled: tuple[BaseException | None] | None = None
         self._redactor = Redactor.for_job({}, records.database.dburl)
 
@@ -201,6 +204,7 @@ class JobRun:
         """Execute: run the job's callback once in its environment and return its value; or return what it
         returned in an earlier run that died before recording it, without calling it again."""
         if prepared.returned_earlier is not None:
+            self._returned = True
             return prepared.returned_earlier.value
         job = prepared.job
         if job.is_service_job:
@@ -210,7 +214,9 @@ class JobRun:
         else:
             callback = self._callback(prepared, "dcm_processor_service", SESSION_HOOKS[job.function_name],
                                       job.kwargs, [])
-        return self._call(prepared, EXECUTE_STEP, callback, on_line, job.timeout_seconds, should_stop)
+        value = self._call(prepared, EXECUTE_STEP, callback, on_line, job.timeout_seconds, should_stop)
+        self._returned = True
+        return value
 
     def finish(self, prepared: PreparedJob | None, on_line: LineHandler, failed_attempts: int,
                result: Any = None, error: BaseException | None = None) -> Outcome:
@@ -233,6 +239,7 @@ class JobRun:
                 self.records.mark_succeeded(self.job_id, self.flow_run_id, result)
             elif self.claimed:
                 self.records.mark_failed(self.job_id, self.flow_run_id, recorded, max(1, failed_attempts))
+            self._recorded = True
         except ClaimLost:
             self.remove_workspace()
             raise
@@ -245,6 +252,13 @@ class JobRun:
             attempts=failed_attempts + (1 if error is None else 0),
             environment=prepared.environment.describe() if prepared is not None else "not prepared",
         )
+
+    def leave(self) -> None:
+        """Remove the run's temporary folder as the run ends, unless its callback returned and the outcome could
+        not be recorded (a database outage longer than the retries): the folder then holds what the callback
+        returned, which the job's next run on this host records instead of calling the callback again."""
+        if self._recorded or not self._returned:
+            self.remove_workspace()
 
     def remove_workspace(self) -> None:
         if self.workspace is not None:
