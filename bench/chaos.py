@@ -49,6 +49,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterName,
     FlowRunFilterStartTime,
 )
+from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Scheduled
 
@@ -168,6 +169,9 @@ class ChaosReport:
     twice: dict[str, list[str]]
     """For each job whose callback ran to its end twice: its callbacks and its flow runs' states, in seconds
     after the sessions were submitted (ids only), to tell how it came about."""
+    not_done: dict[str, list[str]]
+    """The same for each job not done at the end, after its record's state, and for each session run that did
+    not complete (its states)."""
 
     @property
     def healthy(self) -> bool:
@@ -423,11 +427,35 @@ def timeline_of(job_id: str, callbacks: CallbackLog, began_at: float) -> list[st
     events += [(moment, f"callback pid {pid} ran to its end") for job, pid, moment in callbacks.finished()
                if job == job_id]
     with get_client(sync_client=True) as client:
-        for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_=job_id))):
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_=job_id)))
+    return [f"{moment - began_at:7.1f} s  {what}" for moment, what in sorted(events + states_of(runs))]
+
+
+def states_of(runs: list[FlowRun]) -> list[tuple[float, str]]:
+    """Each state each of `runs` went through: (Unix time, what)."""
+    events = []
+    with get_client(sync_client=True) as client:
+        for run in runs:
             for state in client.read_flow_run_states(run.id):
                 events.append((state.timestamp.timestamp(),
                                f"run {run.id}: {state.name}: {(state.message or '')[:300]}"))
-    return [f"{moment - began_at:7.1f} s  {what}" for moment, what in sorted(events)]
+    return events
+
+
+def what_is_not_done(jobs: list[JobRecord], session_runs: list[UUID], completed: set[UUID],
+                     callbacks: CallbackLog, began_at: float) -> dict[str, list[str]]:
+    """The record and timeline of each job not done, and the states of each session run not completed."""
+    found = {
+        job.id: [f"record: in progress {job.in_progress}, failed {job.failed}, {(job.error_message or '')[:300]}",
+                 *timeline_of(job.id, callbacks, began_at)]
+        for job in jobs if not job.done
+    }
+    with get_client(sync_client=True) as client:
+        unfinished = [client.read_flow_run(run_id) for run_id in session_runs if run_id not in completed]
+    for run in unfinished:
+        found[f"session run {run.id}"] = [f"{moment - began_at:7.1f} s  {what}"
+                                          for moment, what in sorted(states_of([run]))]
+    return found
 
 
 def reconciler_pass_after(moment: datetime) -> bool:
@@ -500,6 +528,7 @@ def run_chaos(stack: LocalStack, state: StackState, database: DcmDatabase, size:
         wall_seconds=round(time.monotonic() - began, 1),
         twice={job_id: timeline_of(job_id, callbacks, began_at)
                for job_id, count in completions.items() if count > 1},
+        not_done=what_is_not_done(jobs, operator.session_runs, operator.completed, callbacks, began_at),
     )
 
 

@@ -17,7 +17,14 @@ import pytest
 from flows.runtime.callback import Callback, Returned
 from flows.runtime.environments import environment_for
 from flows.runtime.errors import CallbackFailed, InvalidRecord, RunCancelled, UnknownWorkerType
-from flows.runtime.job_run import CALLS_FOLDER, EXECUTE_STEP, JOB_FOLDER_PREFIX, returned_in_an_abandoned_run
+from flows.runtime.job_run import (
+    CALLS_FOLDER,
+    EXECUTE_STEP,
+    JOB_FOLDER_PREFIX,
+    RETURNED_KEPT_SECONDS,
+    remove_abandoned_job_folders,
+    returned_in_an_abandoned_run,
+)
 from flows.runtime.records import WorkerRecord
 from flows.runtime.variables import SERVICE_PREFIX, callback_variables
 
@@ -174,6 +181,38 @@ def test_only_a_private_folder_of_a_dead_run_is_believed_for_what_the_callback_r
         assert returned_in_an_abandoned_run(uuid.uuid4().hex[:24]) is None
     finally:
         shutil.rmtree(folder)
+
+
+def abandoned_run_folder(job_id: str, returned: bool) -> Path:
+    """A private folder of a run of `job_id` whose process is gone, its callback returned or not."""
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    folder = Path(tempfile.gettempdir()) / f"{JOB_FOLDER_PREFIX}{job_id}-{ended.pid}-abcd1234"
+    call = folder / CALLS_FOLDER / f"01-{EXECUTE_STEP}-run"
+    call.mkdir(parents=True)
+    folder.chmod(0o700)
+    if returned:
+        (call / "result.json").write_text(json.dumps({"result": 1}))
+    return folder
+
+
+def test_a_run_removes_abandoned_folders_but_those_holding_what_another_jobs_callback_returned_unrecorded() -> None:
+    own, other, other_returned, stale = (uuid.uuid4().hex[:24] for _ in range(4))
+    folders = {
+        "own": abandoned_run_folder(own, returned=True),
+        "other": abandoned_run_folder(other, returned=False),
+        "other returned": abandoned_run_folder(other_returned, returned=True),
+        "stale": abandoned_run_folder(stale, returned=True),
+    }
+    week_and_a_day_ago = time.time() - RETURNED_KEPT_SECONDS - 86400
+    os.utime(folders["stale"], (week_and_a_day_ago, week_and_a_day_ago))
+    try:
+        remove_abandoned_job_folders(own)
+
+        assert {name for name, folder in folders.items() if folder.exists()} == {"other returned"}
+    finally:
+        for folder in folders.values():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_a_stop_request_kills_the_callback_and_reports_a_cancellation(tmp_path: Path) -> None:

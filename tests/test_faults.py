@@ -485,6 +485,8 @@ def test_a_database_outage_that_outlasts_the_retries_crashes_the_run_and_its_ret
     assert f"flow run {flow_run_id} crashed" in record["errorMessage"]
 
     (tmp_path / "callback.pid").unlink()
+    other_job = platform.service_job(platform.service(f"other-{tmp_path.name}", "def run(**kwargs):\n    return 1\n"))
+    assert finished(submit_job(other_job)).state.is_completed()  # it removes the folders of runs that are gone
     retry = finished(submit_job(job_id))  # what docs/operating.md tells an operator to do after a long outage
 
     assert retry.state.is_completed(), retry.state.message

@@ -42,6 +42,8 @@ SERVICE_MODULE = "service_module"
 CALLS_FOLDER = "calls"
 """Each call of a run has a folder in it, `<number>-<step>-<function>`: the step is pre, execute or post."""
 EXECUTE_STEP = "execute"
+RETURNED_KEPT_SECONDS = 7 * 24 * 3600
+"""How long the folder of a run whose callback returned unrecorded waits for its job's next run on the host."""
 SESSION_HOOKS = {PRE_SERVICES_JOB: "run_pre_services", POST_SERVICES_JOB: "run_post_services"}
 
 
@@ -141,7 +143,7 @@ class JobRun:
         environment.check()
         if self.workspace is None:
             self._returned_earlier = returned_in_an_abandoned_run(job.id)
-            remove_abandoned_folders(JOB_FOLDER_PREFIX)
+            remove_abandoned_job_folders(job.id)
             self.workspace = folder_of_this_process(f"{JOB_FOLDER_PREFIX}{job.id}-")
         workspace = self.workspace
         folders = environment.folders(workspace)
@@ -267,21 +269,46 @@ class JobRun:
 
 
 def returned_in_an_abandoned_run(job_id: str) -> Returned | None:
-    """What the job's callback returned in an earlier run on this host whose process died before it recorded
-    the outcome (killed, or its host's power cut, between the callback's return and the record's write).
+    """What the job's callback returned in an earlier run on this host that ended without recording it: its
+    process was killed between the callback's return and the record's write (or its host's power cut), or a
+    database outage outlasted the post-service's retries.
 
     The job's next run records that value instead of calling the callback again: the callback ran to its end,
     side effects and all. Only this user's private folders are believed (another user could make a folder of
-    the same name in the shared temporary folder); each is removed by the run's `remove_abandoned_folders`.
+    the same name in the shared temporary folder).
     """
     for folder in abandoned_folders(f"{JOB_FOLDER_PREFIX}{job_id}-"):
-        if not is_private(folder):
-            continue
-        for call in sorted((folder / CALLS_FOLDER).glob(f"*-{EXECUTE_STEP}-*"), reverse=True):
-            returned = returned_value(call)
-            if returned is not None:
-                return returned
+        returned = _returned_in(folder) if is_private(folder) else None
+        if returned is not None:
+            return returned
     return None
+
+
+def remove_abandoned_job_folders(job_id: str) -> None:
+    """Remove the folders of this host's runs whose process is gone: all of this job's (what they hold has been
+    read), and of other jobs' those that hold no returned value waiting to be recorded by their job's next run
+    (such a folder waits RETURNED_KEPT_SECONDS at most)."""
+    own = f"{JOB_FOLDER_PREFIX}{job_id}-"
+    remove_abandoned_folders(
+        JOB_FOLDER_PREFIX, keep=lambda folder: not folder.name.startswith(own) and _waits_for_its_job(folder)
+    )
+
+
+def _returned_in(folder: Path) -> Returned | None:
+    """What the callback of a run's folder returned, if it returned."""
+    for call in sorted((folder / CALLS_FOLDER).glob(f"*-{EXECUTE_STEP}-*"), reverse=True):
+        returned = returned_value(call)
+        if returned is not None:
+            return returned
+    return None
+
+
+def _waits_for_its_job(folder: Path) -> bool:
+    try:
+        age = time.time() - folder.stat().st_mtime
+    except OSError:
+        return False
+    return age < RETURNED_KEPT_SECONDS and _returned_in(folder) is not None
 
 
 def describe_failure(error: BaseException) -> str:

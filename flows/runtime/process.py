@@ -100,10 +100,11 @@ def is_private(folder: Path) -> bool:
     return stat.S_ISDIR(status.st_mode) and status.st_uid == os.getuid() and not status.st_mode & 0o077
 
 
-def remove_abandoned_folders(prefix: str) -> None:
-    """Remove this host's `abandoned_folders(prefix)`."""
+def remove_abandoned_folders(prefix: str, keep: Callable[[Path], bool] | None = None) -> None:
+    """Remove this host's `abandoned_folders(prefix)`, but those `keep` says still serve."""
     for folder in abandoned_folders(prefix):
-        shutil.rmtree(folder, ignore_errors=True)
+        if keep is None or not keep(folder):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _exists(pid: int) -> bool:
