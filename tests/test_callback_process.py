@@ -158,31 +158,6 @@ def test_a_callback_whose_process_is_killed_after_it_returned_has_returned(tmp_p
     assert value == "done"
 
 
-def test_only_a_private_folder_of_a_dead_run_is_believed_for_what_the_callback_returned() -> None:
-    job_id = uuid.uuid4().hex[:24]
-    ended = subprocess.Popen(["true"])
-    ended.wait()
-    folder = Path(tempfile.gettempdir()) / f"{JOB_FOLDER_PREFIX}{job_id}-{ended.pid}-abcd1234"
-    call = folder / CALLS_FOLDER / f"03-{EXECUTE_STEP}-run"
-    call.mkdir(parents=True)
-    (folder / CALLS_FOLDER / "01-pre-callback").mkdir()
-    (folder / CALLS_FOLDER / "01-pre-callback" / "result.json").write_text(json.dumps({"result": "a script's"}))
-    try:
-        (call / "result.json").write_text(json.dumps({"error": {"message": "it raised"}}))
-        folder.chmod(0o700)
-        assert returned_in_an_abandoned_run(job_id) is None
-
-        (call / "result.json").write_text(json.dumps({"result": {"value": 7}}))
-        folder.chmod(0o777)
-        assert returned_in_an_abandoned_run(job_id) is None
-
-        folder.chmod(0o700)
-        assert returned_in_an_abandoned_run(job_id) == Returned({"value": 7})
-        assert returned_in_an_abandoned_run(uuid.uuid4().hex[:24]) is None
-    finally:
-        shutil.rmtree(folder)
-
-
 def abandoned_run_folder(job_id: str, returned: bool) -> Path:
     """A private folder of a run of `job_id` whose process is gone, its callback returned or not."""
     ended = subprocess.Popen(["true"])
@@ -194,6 +169,28 @@ def abandoned_run_folder(job_id: str, returned: bool) -> Path:
     if returned:
         (call / "result.json").write_text(json.dumps({"result": 1}))
     return folder
+
+
+def test_only_a_private_folder_of_a_dead_run_is_believed_for_what_the_callback_returned() -> None:
+    job_id = uuid.uuid4().hex[:24]
+    folder = abandoned_run_folder(job_id, returned=False)
+    call = folder / CALLS_FOLDER / f"01-{EXECUTE_STEP}-run"
+    script = folder / CALLS_FOLDER / "00-pre-callback"
+    script.mkdir()
+    (script / "result.json").write_text(json.dumps({"result": "a script's"}))
+    try:
+        (call / "result.json").write_text(json.dumps({"error": {"message": "it raised"}}))
+        assert returned_in_an_abandoned_run(job_id) is None
+
+        (call / "result.json").write_text(json.dumps({"result": {"value": 7}}))
+        folder.chmod(0o777)
+        assert returned_in_an_abandoned_run(job_id) is None
+
+        folder.chmod(0o700)
+        assert returned_in_an_abandoned_run(job_id) == Returned({"value": 7})
+        assert returned_in_an_abandoned_run(uuid.uuid4().hex[:24]) is None
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_a_run_removes_abandoned_folders_but_those_holding_what_another_jobs_callback_returned_unrecorded() -> None:
