@@ -9,6 +9,9 @@ that ran inside a session's process is judged by its session's run. Each such re
 reason, fenced by the holding run's id (a record another run holds meanwhile is left alone), and a zombie
 run is set Crashed, as Prefect's "detect zombie flows" automation would. `dcm-record-crash`, started by each
 Crashed event, stays the fast path; a pass here after it changes nothing.
+
+Each pass also schedules again the process pool's runs left Pending by a pool worker that stopped while it
+started them: no worker takes a Pending run, so such a run (a whole session, say) would wait for good.
 """
 
 from __future__ import annotations
@@ -19,19 +22,28 @@ from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    WorkPoolFilter,
+    WorkPoolFilterName,
+)
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
-from prefect.states import Crashed
+from prefect.states import Crashed, Scheduled
 
 from blocks.database import DcmDatabase
 from flows.run_logs import RunLogger
-from flows.runtime.names import DEFAULT_BLOCK, RECONCILE_FLOW
+from flows.runtime.names import DEFAULT_BLOCK, PROCESS_POOL, RECONCILE_FLOW
 from flows.runtime.platform_records import PlatformRecords
 from flows.runtime.variables import MISSED_HEARTBEATS_SECONDS, SILENT_RUN_CRASHED
 from flows.session import left_behind
 
 HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
+STRANDED_AFTER_SECONDS = 120.0
+"""A process pool run Pending this long was left by its worker: that worker starts a run's process at once."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +140,24 @@ class Reconciler:
             return f"crashed: {SILENT_RUN_CRASHED}"
         return None
 
+    def schedule_stranded_runs(self, stranded_after_seconds: float) -> list[UUID]:
+        """Schedule again the process pool's runs Pending for longer than `stranded_after_seconds`: the pool worker
+        that took each stopped before it started the run's process. Return their ids."""
+        before = datetime.now(timezone.utc) - timedelta(seconds=stranded_after_seconds)
+        pending = self.client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType.PENDING])
+            )),
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[PROCESS_POOL])),
+        )
+        stranded = [run for run in pending if run.state is not None and run.state.timestamp < before]
+        for run in stranded:
+            self.client.set_flow_run_state(run.id, Scheduled(
+                message=f"scheduled again: Pending for over {stranded_after_seconds:g} s, its pool worker stopped"
+            ), force=True)
+            self.logger.warning("flow run %s was left Pending by its pool worker; scheduled again", run.id)
+        return [run.id for run in stranded]
+
     def _silent(self, run: FlowRun) -> bool:
         """Whether a Running run has sent no heartbeat for MISSED_HEARTBEATS_SECONDS (and runs longer than that)."""
         since = datetime.now(timezone.utc) - timedelta(seconds=MISSED_HEARTBEATS_SECONDS)
@@ -142,14 +172,19 @@ class Reconciler:
 
 
 @flow(name=RECONCILE_FLOW, persist_result=False, log_prints=False)
-def reconcile_flow(database_block: str = DEFAULT_BLOCK) -> list[str]:
-    """Fail the job records in progress whose holding run has ended, vanished or gone silent.
+def reconcile_flow(database_block: str = DEFAULT_BLOCK,
+                   stranded_after_seconds: float = STRANDED_AFTER_SECONDS) -> list[str]:
+    """Fail the job records in progress whose holding run has ended, vanished or gone silent, and schedule
+    again the process pool's runs that a stopped pool worker left Pending.
 
     Args:
         database_block: name of the `dcm-database` block.
+        stranded_after_seconds: how long a process pool run must have been Pending to be scheduled again.
     """
     records = PlatformRecords(DcmDatabase.resolve(database_block).open())
     with get_client(sync_client=True) as client:
-        repaired = Reconciler(records, client, get_run_logger()).pass_once()
-    get_run_logger().info("%d job records repaired", len(repaired))
+        reconciler = Reconciler(records, client, get_run_logger())
+        repaired = reconciler.pass_once()
+        rescheduled = reconciler.schedule_stranded_runs(stranded_after_seconds)
+    get_run_logger().info("%d job records repaired, %d stranded runs scheduled again", len(repaired), len(rescheduled))
     return repaired

@@ -14,13 +14,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import pytest
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.deployments import run_deployment
-from prefect.states import Cancelled, Running, Scheduled, State
+from prefect.states import Cancelled, Pending, Running, Scheduled, State
 
 from blocks.database import DcmDatabase
 from flows.bridge import SessionBridge
@@ -291,14 +292,14 @@ def test_a_session_waits_for_a_job_held_by_another_run_and_cleans_up_only_after_
     assert platform.job(clean_up)["startedAt"] > platform.job(held)["completedAt"]
 
 
-def reconcile() -> None:
+def reconcile(**parameters: Any) -> None:
     """One pass of the reconciler, through its deployment.
 
     It also runs every minute by its schedule, and its deployment cancels a run that starts while another
     is running; a pass cancelled that way is asked for again, as an operator would.
     """
     for _ in range(10):
-        flow_run = run_deployment(deployment(RECONCILE_FLOW), timeout=0, as_subflow=False)
+        flow_run = run_deployment(deployment(RECONCILE_FLOW), parameters=parameters, timeout=0, as_subflow=False)
         state = finished(flow_run.id).state
         if not (state.is_cancelled() and "concurrency limit" in (state.message or "")):
             break
@@ -360,6 +361,25 @@ def test_the_reconciler_fails_the_records_of_job_runs_an_earlier_attempt_of_thei
     assert f"an earlier attempt of its session's flow run {session_run.id}" in record["errorMessage"]
     assert read_flow_run(left_run.id).state.is_crashed()
     assert platform.job(current)["inProgress"] is True, "the job run of the session's running attempt is left alone"
+
+
+def test_a_run_a_stopped_pool_worker_left_pending_is_scheduled_again_by_the_reconciler_and_runs(
+    platform: Platform,
+) -> None:
+    job_id = trivial_job(platform)
+    with get_client(sync_client=True) as client:  # what a pool worker killed while it started the run leaves
+        job_deployment = client.read_deployment_by_name(deployment(JOB_FLOW))
+        stranded = client.create_flow_run_from_deployment(
+            job_deployment.id, parameters={"job_id": job_id}, state=Pending(name="Submitting")
+        )
+    time.sleep(2)
+    assert read_flow_run(stranded.id).state.is_pending(), "no worker takes a Pending run"
+
+    reconcile(stranded_after_seconds=1)
+
+    run = finished(stranded.id)
+    assert run.state.is_completed(), run.state.message
+    assert platform.job(job_id)["done"] is True
 
 
 @contextmanager
