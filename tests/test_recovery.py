@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -293,17 +294,9 @@ def test_a_session_waits_for_a_job_held_by_another_run_and_cleans_up_only_after_
 
 
 def reconcile(**parameters: Any) -> None:
-    """One pass of the reconciler, through its deployment.
-
-    It also runs every minute by its schedule, and its deployment cancels a run that starts while another
-    is running; a pass cancelled that way is asked for again, as an operator would.
-    """
-    for _ in range(10):
-        flow_run = run_deployment(deployment(RECONCILE_FLOW), parameters=parameters, timeout=0, as_subflow=False)
-        state = finished(flow_run.id).state
-        if not (state.is_cancelled() and "concurrency limit" in (state.message or "")):
-            break
-        time.sleep(2)
+    """One pass of the reconciler, through its deployment (it also runs every minute by its schedule)."""
+    flow_run = run_deployment(deployment(RECONCILE_FLOW), parameters=parameters, timeout=0, as_subflow=False)
+    state = finished(flow_run.id).state
     assert state.is_completed(), state.message
 
 
@@ -380,6 +373,22 @@ def test_a_run_a_stopped_pool_worker_left_pending_is_scheduled_again_by_the_reco
     run = finished(stranded.id)
     assert run.state.is_completed(), run.state.message
     assert platform.job(job_id)["done"] is True
+
+
+def test_a_reconciler_run_left_pending_by_its_pool_worker_stops_no_later_pass_and_is_run_again(
+    platform: Platform,
+) -> None:
+    with get_client(sync_client=True) as client:
+        reconciler = client.read_deployment_by_name(deployment(RECONCILE_FLOW))
+        stranded = client.create_flow_run_from_deployment(
+            reconciler.id, state=Scheduled(scheduled_time=datetime.now(timezone.utc) + timedelta(hours=1))
+        )
+        # As a pool worker does when it takes the run; killed then, or with the server restarted and its leases lost
+        client.set_flow_run_state(stranded.id, Pending(name="Submitting"))
+
+    reconcile(stranded_after_seconds=1)
+
+    assert finished(stranded.id).state.is_completed()
 
 
 @contextmanager
