@@ -108,7 +108,6 @@ class JobRun:
         self._scripts_run: set[tuple[str, str]] = set()
         self._returned_earlier: Returned | None = None
         self._returned = False
-        self._recorded = False
         self._settled: tuple[BaseException | None] | None = None
         self._redactor = Redactor.for_job({}, records.database.dburl)
 
@@ -241,7 +240,6 @@ class JobRun:
                 self.records.mark_succeeded(self.job_id, self.flow_run_id, result)
             elif self.claimed:
                 self.records.mark_failed(self.job_id, self.flow_run_id, recorded, max(1, failed_attempts))
-            self._recorded = True
         except ClaimLost:
             self.remove_workspace()
             raise
@@ -256,10 +254,11 @@ class JobRun:
         )
 
     def leave(self) -> None:
-        """Remove the run's temporary folder as the run ends, unless its callback returned and the outcome could
-        not be recorded (a database outage longer than the retries): the folder then holds what the callback
-        returned, which the job's next run on this host records instead of calling the callback again."""
-        if self._recorded or not self._returned:
+        """Remove the run's temporary folder as the run ends, unless its callback returned. `finish` removes it
+        once the outcome is recorded, so a folder still here then means the outcome could not be recorded (a
+        database outage longer than the retries): it holds what the callback returned, which the job's next run
+        on this host records instead of calling the callback again."""
+        if not self._returned:
             self.remove_workspace()
 
     def remove_workspace(self) -> None:
