@@ -247,13 +247,15 @@ class FaultInjector:
 
     def _kill(self, fault: Fault, name: str) -> None:
         """SIGKILL a supervised process; one that is down (killed a moment before) is waited for until it is back."""
-        deadline = time.monotonic() + TARGET_WAIT_SECONDS
-        while time.monotonic() < deadline and self.work_left():
+
+        def kill_it() -> int | None:
             with self.stack_lock:
-                if self.state.is_ours(name) and send_signal(self.state.processes[name], signal.SIGKILL):
-                    fault.target = f"pid {self.state.processes[name]} SIGKILLed"
-                    return
-            time.sleep(0.5)
+                pid = self.state.processes[name] if self.state.is_ours(name) else None
+                return pid if pid is not None and send_signal(pid, signal.SIGKILL) else None
+
+        killed = self._first_found(kill_it)
+        if killed is not None:
+            fault.target = f"pid {killed} SIGKILLed"
 
     def _stop_for_a_while(self, fault: Fault, stop: Callable[[StackState], None],
                           start: Callable[[StackState], None]) -> None:
@@ -285,11 +287,18 @@ class FaultInjector:
     def _a_running_callback(self) -> int | None:
         """A callback running now, or at the first moment one runs (none does while the database is down);
         None once no work is left."""
+        return self._first_found(
+            lambda: self.chance.choice(running) if (running := self.callbacks.running_callbacks()) else None
+        )
+
+    def _first_found(self, find: Callable[[], int | None]) -> int | None:
+        """What `find` finds, asked every half second until it finds something, no work is left, or
+        TARGET_WAIT_SECONDS have passed (then None)."""
         deadline = time.monotonic() + TARGET_WAIT_SECONDS
         while time.monotonic() < deadline and self.work_left():
-            running = self.callbacks.running_callbacks()
-            if running:
-                return self.chance.choice(running)
+            found = find()
+            if found is not None:
+                return found
             time.sleep(0.5)
         return None
 
@@ -428,7 +437,12 @@ def timeline_of(job_id: str, callbacks: CallbackLog, began_at: float) -> list[st
                if job == job_id]
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_=job_id)))
-    return [f"{moment - began_at:7.1f} s  {what}" for moment, what in sorted(events + states_of(runs))]
+    return as_timeline(events + states_of(runs), began_at)
+
+
+def as_timeline(events: list[tuple[float, str]], began_at: float) -> list[str]:
+    """`events` (Unix time, what) in order, each in seconds after `began_at`."""
+    return [f"{moment - began_at:7.1f} s  {what}" for moment, what in sorted(events)]
 
 
 def states_of(runs: list[FlowRun]) -> list[tuple[float, str]]:
@@ -453,8 +467,7 @@ def what_is_not_done(jobs: list[JobRecord], session_runs: list[UUID], completed:
     with get_client(sync_client=True) as client:
         unfinished = [client.read_flow_run(run_id) for run_id in session_runs if run_id not in completed]
     for run in unfinished:
-        found[f"session run {run.id}"] = [f"{moment - began_at:7.1f} s  {what}"
-                                          for moment, what in sorted(states_of([run]))]
+        found[f"session run {run.id}"] = as_timeline(states_of([run]), began_at)
     return found
 
 
