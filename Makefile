@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint screenshots load bench chaos stack-start stack-stop clean
+.PHONY: install demo test lint screenshots load bench chaos aging stack-start stack-stop clean
 
 # Bytecode is compiled here: where PYTHONDONTWRITEBYTECODE is set, every process (worker runs, the server, CLI calls)
 # would otherwise compile Prefect's source again, about 1.2 s of the 2.4 s `import prefect` takes.
@@ -43,6 +43,10 @@ bench: install
 # Prefect server are killed or stopped at random moments; the count of what went wrong into docs/benchmarks.md.
 chaos: install
 	$(BIN)/python -m bench.chaos
+
+# 5,000 jobs on one embedded stack, then a month's retention pass: speed and Prefect's database size at each step.
+aging: install
+	$(BIN)/python -m bench.aging
 
 stack-start: install
 	$(BIN)/dcm-flows stack start

@@ -1,0 +1,266 @@
+"""Aging: does a long-lived embedded stack stay fast and small?
+
+`make aging` starts an embedded stack of its own, measures two rows of `make bench` on it (one job at a time
+inside a 10-job session, and a 50-job session against its critical path) and the Prefect server's CPU at rest,
+runs `--jobs` jobs through it in `make load`'s concurrent sessions, and measures again. Then a month passes:
+the Prefect server is stopped, every timestamp of its database is moved back by the flow-run retention period
+and a day, and the server starts again with its vacuum pass due every few seconds instead of every hour (the
+retention periods are the stack's own). Once the pass has deleted what it deletes, it measures a third time.
+The size of the Prefect database (file, pages in use, rows per table) is read at each step. The figures go
+into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.load import _descendants, run_load, write_benchmarks
+from bench.overhead import Bench, fresh_stack
+from blocks.database import DcmDatabase
+from flows.runtime.names import DEFAULT_BLOCK
+from ops.stack import FLOW_RUN_RETENTION_DAYS, LocalStack, StackState
+
+SERIES_PER_SESSION = 50
+SESSIONS_PER_ROUND = 5
+REST_SECONDS = 30
+VACUUM_LOOP_SECONDS = 5
+VACUUM_LOOPS = ("PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS",
+                "PREFECT_SERVER_SERVICES_DB_VACUUM_ORPHAN_CLEANUP_LOOP_SECONDS")
+QUIET_SHARE = 0.3
+
+COUNTED_TABLES = ("flow_run", "task_run", "flow_run_state", "task_run_state", "log", "artifact", "events",
+                  "event_resources")
+
+AGED_COLUMNS = {
+    "flow_run": ("created", "updated", "expected_start_time", "next_scheduled_start_time", "start_time", "end_time"),
+    "flow_run_state": ("created", "updated", "timestamp"),
+    "task_run": ("created", "updated", "expected_start_time", "next_scheduled_start_time", "start_time", "end_time"),
+    "task_run_state": ("created", "updated", "timestamp"),
+    "log": ("created", "updated", "timestamp"),
+    "artifact": ("created", "updated"),
+    "events": ("created", "updated", "occurred", "received"),
+    "event_resources": ("created", "updated", "occurred"),
+}
+"""The timestamps a month's passing makes old: everything Prefect's retention compares, and the rest of each
+row's times with them, so that the aged rows are what a month-old run would have left."""
+
+
+@dataclass(frozen=True)
+class Speed:
+    """`make bench`'s rows 2 and 3 on one stack at one moment, and its Prefect server's CPU at rest."""
+
+    per_job_seconds: float
+    session_seconds: float
+    critical_path_seconds: float
+    busy_seconds: float
+    server_cpu_at_rest: float
+
+
+@dataclass(frozen=True)
+class Size:
+    """The Prefect database's size: its files, the bytes of the pages in use, and the rows that grow."""
+
+    file_mb: float
+    used_mb: float
+    rows: dict[str, int]
+
+
+def prefect_database(stack: LocalStack) -> Path:
+    return stack.home / "prefect" / "prefect.db"
+
+
+def size_of(database: Path) -> Size:
+    """Read the database's size without writing to it (a read-only connection beside the running server)."""
+    files = sum(path.stat().st_size for path in database.parent.glob(database.name + "*"))
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as connection:
+        page_size, pages, free = (connection.execute(f"PRAGMA {name}").fetchone()[0]
+                                  for name in ("page_size", "page_count", "freelist_count"))
+        rows = {table: connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in COUNTED_TABLES}
+    return Size(file_mb=files / 1e6, used_mb=(pages - free) * page_size / 1e6, rows=rows)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu_at_rest(state: StackState, seconds: float = REST_SECONDS) -> float:
+    """The Prefect server's share of one core while nothing runs (its processes together)."""
+    server = state.processes["prefect-server"]
+
+    def total() -> float:
+        return sum(_cpu_seconds(pid) for pid in [server, *_descendants(server)] if Path(f"/proc/{pid}").exists())
+
+    before = total()
+    time.sleep(seconds)
+    return (total() - before) / seconds
+
+
+def speed_of(bench: Bench, repeats: int) -> Speed:
+    """Rows 2 and 3 of `make bench`, as bench/overhead.py measures them, once the server has caught up with
+    what came before (how long that took), and the server's CPU at rest."""
+    busy_seconds = wait_until_quiet(bench.state)
+    at_rest = server_cpu_at_rest(bench.state)
+    alone = [bench.session_run(4, True, max_parallel_jobs=1) for _ in range(repeats)]
+    sessions = [bench.session_run(24, True) for _ in range(repeats)]
+    return Speed(
+        per_job_seconds=statistics.median((sample.run_seconds - sample.callbacks_sum) / 10 for sample in alone),
+        session_seconds=statistics.median(sample.run_seconds for sample in sessions),
+        critical_path_seconds=statistics.median(sample.critical_path for sample in sessions),
+        busy_seconds=busy_seconds,
+        server_cpu_at_rest=at_rest,
+    )
+
+
+def run_jobs(stack_state: StackState, jobs: int, folder: Path) -> tuple[int, int, float]:
+    """Run at least `jobs` job records through rounds of concurrent sessions, each round in a database of its
+    own; return (job records, of them not done, callbacks run twice or missing), and the jobs per minute."""
+    done = not_done = wrong = 0
+    started = time.monotonic()
+    while done < jobs:
+        name = f"aging-{uuid.uuid4().hex[:8]}"
+        database = DcmDatabase.load(DEFAULT_BLOCK).with_database_name(name)
+        database.save(name, overwrite=True)
+        round_folder = folder / name
+        round_folder.mkdir()
+        try:
+            report = run_load(database, name, stack_state.processes, SESSIONS_PER_ROUND, SERIES_PER_SESSION,
+                              round_folder)
+        finally:
+            database.open().db.get_db().client.drop_database(name)
+        done += report.jobs
+        not_done += report.jobs_not_done
+        wrong += report.callbacks_run_twice + report.callbacks_missing
+        print(f"  {done} jobs, {report.jobs_per_minute} jobs/min this round", flush=True)
+    return done, not_done + wrong, done / (time.monotonic() - started) * 60
+
+
+def age_by(database: Path, days: int) -> None:
+    """Move every timestamp of `AGED_COLUMNS` back by `days` (the server must be stopped). Runs still to come
+    (the reconciler's schedule) keep their times: moved back, they would all be due at once."""
+    with sqlite3.connect(database) as connection:
+        for table, columns in AGED_COLUMNS.items():
+            present = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
+            ended = " AND state_type IN ('COMPLETED', 'FAILED', 'CANCELLED', 'CRASHED')" if table == "flow_run" else ""
+            for column in (column for column in columns if column in present):
+                connection.execute(
+                    f"UPDATE {table} SET {column} = datetime({column}, '-{days} days') || substr({column}, 20) "
+                    f"WHERE {column} IS NOT NULL{ended}"
+                )
+
+
+def aged_rows(database: Path) -> int:
+    """Rows older than a day: after `age_by`, what the retention pass has still to delete."""
+    day_ago = "datetime('now', '-1 day')"
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as connection:
+        return sum(connection.execute(query).fetchone()[0] for query in (
+            f"SELECT count(*) FROM flow_run WHERE end_time < {day_ago}",
+            f"SELECT count(*) FROM log WHERE timestamp < {day_ago}",
+            f"SELECT count(*) FROM events WHERE occurred < {day_ago}",
+        ))
+
+
+def retention_pass(stack: LocalStack, state: StackState, timeout_seconds: float = 1800) -> float:
+    """Restart the server with its vacuum due every few seconds; wait until nothing aged is left. Return the
+    seconds it took."""
+    stack.stop_server(state)
+    age_by(prefect_database(stack), FLOW_RUN_RETENTION_DAYS + 1)
+    os.environ.update(dict.fromkeys(VACUUM_LOOPS, str(VACUUM_LOOP_SECONDS)))
+    started = time.monotonic()
+    try:
+        stack.start_server(state)
+        while aged_rows(prefect_database(stack)) and time.monotonic() - started < timeout_seconds:
+            time.sleep(5)
+        took = time.monotonic() - started
+    finally:
+        for loop in VACUUM_LOOPS:
+            del os.environ[loop]
+    stack.restart_server(state)
+    return took
+
+
+def wait_until_quiet(state: StackState, share: float = QUIET_SHARE, timeout_seconds: float = 900) -> float:
+    """Wait until the Prefect server uses less than `share` of a core over 10 s; return the seconds waited."""
+    started = time.monotonic()
+    while server_cpu_at_rest(state, 10) >= share and time.monotonic() - started < timeout_seconds:
+        pass
+    return time.monotonic() - started
+
+
+def markdown(jobs: int, failures: int, rate: float, speeds: dict[str, Speed], sizes: dict[str, Size],
+             pass_seconds: float) -> str:
+    phases = list(speeds)
+    header = "| | " + " | ".join(phases) + " |\n|---|" + "---|" * len(phases) + "\n"
+
+    def row(name: str, values: list[str]) -> str:
+        return f"| {name} | " + " | ".join(values) + " |"
+
+    fresh = speeds[phases[0]]
+    speed_rows = [
+        row("one job at a time in a 10-job session: session run less its callbacks, per job",
+            [f"{s.per_job_seconds:.3f} s ({s.per_job_seconds / fresh.per_job_seconds:.2f}x)" for s in speeds.values()]),
+        row("50-job session run (its critical path)",
+            [f"{s.session_seconds:.1f} s ({s.session_seconds / fresh.session_seconds:.2f}x; "
+             f"{s.critical_path_seconds:.1f} s)" for s in speeds.values()]),
+        row(f"Prefect server busy (over {QUIET_SHARE * 100:.0f} % of a core) before these figures",
+            [f"{s.busy_seconds:.0f} s" for s in speeds.values()]),
+        row(f"Prefect server at rest, share of a core over {REST_SECONDS} s",
+            [f"{s.server_cpu_at_rest * 100:.0f} %" for s in speeds.values()]),
+        row("Prefect database: files", [f"{s.file_mb:.0f} MB" for s in sizes.values()]),
+        row("Prefect database: pages in use", [f"{s.used_mb:.0f} MB" for s in sizes.values()]),
+        *(row(f"rows of `{table}`", [f"{s.rows[table]:,}" for s in sizes.values()]) for table in COUNTED_TABLES),
+    ]
+    return (
+        "<!-- aging -->\n## A long-lived stack (`make aging`)\n\n"
+        f"bench/aging.py: one embedded stack, fresh; after {jobs:,} job records in rounds of {SESSIONS_PER_ROUND} "
+        f"concurrent {SERIES_PER_SESSION}-series sessions ({rate:.0f} jobs/min, {failures} jobs not done, run twice "
+        f"or missing); and after a month: every timestamp of Prefect's database moved back "
+        f"{FLOW_RUN_RETENTION_DAYS + 1} days, then the server's own vacuum pass with the stack's retention periods "
+        f"(it took {pass_seconds:.0f} s). Each speed figure is the median of the runs at that moment, its ratio "
+        "against the fresh stack's.\n\n" + header + "\n".join(speed_rows) + "\n<!-- /aging -->"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    arguments.add_argument("--jobs", type=int, default=5000, help="job records to run between fresh and aged")
+    arguments.add_argument("--repeats", type=int, default=3)
+    arguments.add_argument("--no-write", action="store_true", help="print the table only")
+    options = arguments.parse_args(argv)
+    speeds: dict[str, Speed] = {}
+    sizes: dict[str, Size] = {}
+    with tempfile.TemporaryDirectory() as folder, fresh_stack(Path(folder) / "aging-stack") as (stack, state):
+        name = f"aging-bench-{uuid.uuid4().hex[:8]}"
+        database = DcmDatabase.load(DEFAULT_BLOCK).with_database_name(name)
+        database.save(name, overwrite=True)
+        try:
+            bench = Bench(database, name, Path(folder), stack, state)
+            sizes["fresh"], speeds["fresh"] = size_of(prefect_database(stack)), speed_of(bench, options.repeats)
+            print("fresh", speeds["fresh"], sizes["fresh"], flush=True)
+            jobs, failures, rate = run_jobs(state, options.jobs, Path(folder))
+            label = f"after {jobs:,} jobs"
+            sizes[label], speeds[label] = size_of(prefect_database(stack)), speed_of(bench, options.repeats)
+            print(label, speeds[label], sizes[label], flush=True)
+            pass_seconds = retention_pass(stack, state)
+            sizes["a month later, after the retention pass"] = size_of(prefect_database(stack))
+            speeds["a month later, after the retention pass"] = speed_of(bench, options.repeats)
+        finally:
+            database.open().db.get_db().client.drop_database(name)
+    section = markdown(jobs, failures, rate, speeds, sizes, pass_seconds)
+    print(section)
+    if not options.no_write:
+        write_benchmarks(section, "aging")
+    return 0 if failures == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
