@@ -20,10 +20,18 @@ from pathlib import Path
 
 import prefect.client.orchestration as orchestration
 import pytest
+import yaml
 from prefect.client.orchestration import SyncPrefectClient
 
+import ops
+from flows.runtime.names import PROCESS_POOL
 from ops.stack import LocalStack, StackState, process_alive
-from ops.warm_engine import RunRequest, connect_to_warm_engine, share_tls_contexts_between_prefect_clients
+from ops.warm_engine import (
+    PRELOADED_MODULES,
+    RunRequest,
+    connect_to_warm_engine,
+    share_tls_contexts_between_prefect_clients,
+)
 from tests.conftest import SleeperRun, eventually, finished, read_flow_run
 from tests.platform import Platform, job_folder_of, parent_of
 
@@ -43,6 +51,13 @@ def warm_engine_stopped(stack: StackState, local_stack: LocalStack) -> Iterator[
         yield
     finally:
         local_stack.start_workers(stack)
+
+
+def test_the_warm_engine_has_imported_the_flow_of_every_process_pool_deployment() -> None:
+    deployments = yaml.safe_load((Path(ops.__file__).parent / "prefect.yaml").read_text())["deployments"]
+    flow_modules = {deployment["entrypoint"].split(":")[0] for deployment in deployments
+                    if deployment["work_pool"]["name"] == PROCESS_POOL}
+    assert flow_modules and flow_modules <= set(PRELOADED_MODULES), flow_modules - set(PRELOADED_MODULES)
 
 
 def test_a_process_pool_job_runs_in_a_fork_of_the_warm_engine_below_the_command_the_worker_started(
