@@ -1,14 +1,13 @@
 """Aging: does a long-lived embedded stack stay fast and small?
 
-`make aging` starts an embedded stack of its own, measures two rows of `make bench` on it (one job at a time
-inside a 10-job session, and a 50-job session against its critical path) and the Prefect server's CPU at rest,
-runs `--jobs` jobs through it in `make load`'s concurrent sessions, and measures again. Then a month passes:
-the Prefect server is stopped, every timestamp of its database is moved back by the flow-run retention period
-and a day, and the server starts again with its vacuum pass due every few seconds instead of every hour (the
-retention periods are the stack's own). Once the pass has deleted what it deletes, it measures a third time.
-The size of the Prefect database (file, pages in use, rows per table) is read at each step. The figures go
-into docs/benchmarks.md.
-"""
+`make aging` starts an embedded stack of its own and runs `--jobs` jobs through it in `make load`'s concurrent
+sessions. Then it measures two rows of `make bench` on it (one job at a time inside a 10-job session, and a
+50-job session against its critical path), how long the Prefect server stays busy and its CPU at rest. Then a
+month passes: the Prefect server is stopped, every timestamp of its database is moved back by the flow-run
+retention period and a day, and the server starts again with its vacuum pass due every few seconds instead of
+every hour (the retention periods are the stack's own). Once the pass has deleted what it deletes, it measures
+again; last, the same on a fresh stack, the baseline. The size of the Prefect database (file, pages in use,
+rows per table) is read at each step. The figures go into docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -20,7 +19,9 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.load import _descendants, run_load, write_benchmarks
@@ -36,6 +37,7 @@ VACUUM_LOOP_SECONDS = 5
 VACUUM_LOOPS = ("PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS",
                 "PREFECT_SERVER_SERVICES_DB_VACUUM_ORPHAN_CLEANUP_LOOP_SECONDS")
 QUIET_SHARE = 0.3
+FRESH = "a fresh stack"
 
 COUNTED_TABLES = ("flow_run", "task_run", "flow_run_state", "task_run_state", "log", "artifact", "events",
                   "event_resources")
@@ -140,7 +142,8 @@ def run_jobs(stack_state: StackState, jobs: int, folder: Path) -> tuple[int, int
         done += report.jobs
         not_done += report.jobs_not_done
         wrong += report.callbacks_run_twice + report.callbacks_missing
-        print(f"  {done} jobs, {report.jobs_per_minute} jobs/min this round", flush=True)
+        print(f"  {done} jobs, {report.jobs_per_minute} jobs/min this round, {report.jobs_not_done} not done, "
+              f"{report.callbacks_run_twice} run twice, {report.callbacks_missing} missing", flush=True)
     return done, not_done + wrong, done / (time.monotonic() - started) * 60
 
 
@@ -159,12 +162,12 @@ def age_by(database: Path, days: int) -> None:
 
 
 def aged_rows(database: Path) -> int:
-    """Rows older than a day: after `age_by`, what the retention pass has still to delete."""
+    """Ended runs and events older than a day: after `age_by`, what the retention pass has still to delete
+    (the logs and artifacts of a run go with it)."""
     day_ago = "datetime('now', '-1 day')"
     with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as connection:
         return sum(connection.execute(query).fetchone()[0] for query in (
             f"SELECT count(*) FROM flow_run WHERE end_time < {day_ago}",
-            f"SELECT count(*) FROM log WHERE timestamp < {day_ago}",
             f"SELECT count(*) FROM events WHERE occurred < {day_ago}",
         ))
 
@@ -196,15 +199,16 @@ def wait_until_quiet(state: StackState, share: float = QUIET_SHARE, timeout_seco
     return time.monotonic() - started
 
 
-def markdown(jobs: int, failures: int, rate: float, speeds: dict[str, Speed], sizes: dict[str, Size],
-             pass_seconds: float) -> str:
-    phases = list(speeds)
+def markdown(aging: Aging) -> str:
+    phases = [FRESH, *(label for label in aging.speeds if label != FRESH)]
+    speeds = {label: aging.speeds[label] for label in phases}
+    sizes = {label: aging.sizes[label] for label in phases}
     header = "| | " + " | ".join(phases) + " |\n|---|" + "---|" * len(phases) + "\n"
 
     def row(name: str, values: list[str]) -> str:
         return f"| {name} | " + " | ".join(values) + " |"
 
-    fresh = speeds[phases[0]]
+    fresh = speeds[FRESH]
     speed_rows = [
         row("one job at a time in a 10-job session: session run less its callbacks, per job",
             [f"{s.per_job_seconds:.3f} s ({s.per_job_seconds / fresh.per_job_seconds:.2f}x)" for s in speeds.values()]),
@@ -221,45 +225,70 @@ def markdown(jobs: int, failures: int, rate: float, speeds: dict[str, Speed], si
     ]
     return (
         "<!-- aging -->\n## A long-lived stack (`make aging`)\n\n"
-        f"bench/aging.py: one embedded stack, fresh; after {jobs:,} job records in rounds of {SESSIONS_PER_ROUND} "
-        f"concurrent {SERIES_PER_SESSION}-series sessions ({rate:.0f} jobs/min, {failures} jobs not done, run twice "
-        f"or missing); and after a month: every timestamp of Prefect's database moved back "
+        f"bench/aging.py: one embedded stack after {aging.jobs:,} job records in rounds of {SESSIONS_PER_ROUND} "
+        f"concurrent {SERIES_PER_SESSION}-series sessions ({aging.jobs_per_minute:.0f} jobs/min, {aging.failures} "
+        "jobs not done, run twice or missing), and a month later: every timestamp of Prefect's database moved back "
         f"{FLOW_RUN_RETENTION_DAYS + 1} days, then the server's own vacuum pass with the stack's retention periods "
-        f"(it took {pass_seconds:.0f} s). Each speed figure is the median of the runs at that moment, its ratio "
-        "against the fresh stack's.\n\n" + header + "\n".join(speed_rows) + "\n<!-- /aging -->"
+        f"(it took {aging.retention_pass_seconds:.0f} s); beside a fresh stack started after it. Each speed figure is "
+        "the median of the runs at that moment, its ratio against the fresh stack's.\n\n"
+        + header + "\n".join(speed_rows) + "\n<!-- /aging -->"
     )
+
+
+@contextmanager
+def bench_on(stack: LocalStack, state: StackState, folder: Path) -> Iterator[Bench]:
+    """bench/overhead.py's Bench on `stack`, with a platform database of its own, dropped afterwards."""
+    name = f"aging-bench-{uuid.uuid4().hex[:8]}"
+    database = DcmDatabase.load(DEFAULT_BLOCK).with_database_name(name)
+    database.save(name, overwrite=True)
+    try:
+        yield Bench(database, name, folder / name, stack, state)
+    finally:
+        database.open().db.get_db().client.drop_database(name)
+
+
+@dataclass
+class Aging:
+    """What one stack went through: the jobs run on it, and its speed and size at each step."""
+
+    jobs: int = 0
+    failures: int = 0
+    jobs_per_minute: float = 0.0
+    retention_pass_seconds: float = 0.0
+    speeds: dict[str, Speed] = field(default_factory=dict)
+    sizes: dict[str, Size] = field(default_factory=dict)
+
+    def measure(self, label: str, stack: LocalStack, bench: Bench, repeats: int) -> None:
+        self.sizes[label], self.speeds[label] = size_of(prefect_database(stack)), speed_of(bench, repeats)
+        print(label, self.speeds[label], self.sizes[label], flush=True)
+
+
+def age(stack: LocalStack, state: StackState, folder: Path, jobs: int, repeats: int, aging: Aging) -> None:
+    """Run `jobs` jobs on the stack, measure, let a month pass and the retention pass run, measure again."""
+    aging.jobs, aging.failures, aging.jobs_per_minute = run_jobs(state, jobs, folder)
+    with bench_on(stack, state, folder) as bench:
+        aging.measure(f"after {aging.jobs:,} jobs", stack, bench, repeats)
+        aging.retention_pass_seconds = retention_pass(stack, state)
+        aging.measure("a month later, after the retention pass", stack, bench, repeats)
 
 
 def main(argv: list[str] | None = None) -> int:
     arguments = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    arguments.add_argument("--jobs", type=int, default=5000, help="job records to run between fresh and aged")
+    arguments.add_argument("--jobs", type=int, default=5000, help="job records to run on the aging stack")
     arguments.add_argument("--repeats", type=int, default=3)
     arguments.add_argument("--no-write", action="store_true", help="print the table only")
     options = arguments.parse_args(argv)
-    speeds: dict[str, Speed] = {}
-    sizes: dict[str, Size] = {}
-    with tempfile.TemporaryDirectory() as folder, fresh_stack(Path(folder) / "aging-stack") as (stack, state):
-        name = f"aging-bench-{uuid.uuid4().hex[:8]}"
-        database = DcmDatabase.load(DEFAULT_BLOCK).with_database_name(name)
-        database.save(name, overwrite=True)
-        try:
-            bench = Bench(database, name, Path(folder), stack, state)
-            sizes["fresh"], speeds["fresh"] = size_of(prefect_database(stack)), speed_of(bench, options.repeats)
-            print("fresh", speeds["fresh"], sizes["fresh"], flush=True)
-            jobs, failures, rate = run_jobs(state, options.jobs, Path(folder))
-            label = f"after {jobs:,} jobs"
-            sizes[label], speeds[label] = size_of(prefect_database(stack)), speed_of(bench, options.repeats)
-            print(label, speeds[label], sizes[label], flush=True)
-            pass_seconds = retention_pass(stack, state)
-            sizes["a month later, after the retention pass"] = size_of(prefect_database(stack))
-            speeds["a month later, after the retention pass"] = speed_of(bench, options.repeats)
-        finally:
-            database.open().db.get_db().client.drop_database(name)
-    section = markdown(jobs, failures, rate, speeds, sizes, pass_seconds)
+    aging = Aging()
+    with tempfile.TemporaryDirectory() as folder:
+        with fresh_stack(Path(folder) / "aging-stack") as (stack, state):
+            age(stack, state, Path(folder), options.jobs, options.repeats, aging)
+        with fresh_stack(Path(folder) / "fresh-stack") as (stack, state), bench_on(stack, state, Path(folder)) as bench:
+            aging.measure(FRESH, stack, bench, options.repeats)
+    section = markdown(aging)
     print(section)
     if not options.no_write:
         write_benchmarks(section, "aging")
-    return 0 if failures == 0 else 1
+    return 0 if aging.failures == 0 else 1
 
 
 if __name__ == "__main__":
