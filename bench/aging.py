@@ -64,7 +64,7 @@ class Speed:
     session_seconds: float
     critical_path_seconds: float
     busy_seconds: float
-    server_cpu_at_rest: float
+    at_rest: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -95,23 +95,31 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def server_cpu_at_rest(state: StackState, seconds: float = REST_SECONDS) -> float:
-    """The Prefect server's share of one core while nothing runs (its processes together)."""
-    server = state.processes["prefect-server"]
+def _machine_busy_seconds() -> float:
+    """CPU seconds all cores have spent busy since boot (/proc/stat: everything but idle and iowait)."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
-    def total() -> float:
-        return sum(_cpu_seconds(pid) for pid in [server, *_descendants(server)] if Path(f"/proc/{pid}").exists())
 
-    before = total()
+def cpu_at_rest(state: StackState, seconds: float = REST_SECONDS) -> dict[str, float]:
+    """Each service's share of one core (with the processes it started) while nothing is submitted, and the
+    whole machine's, which counts whatever else runs on it."""
+    def totals() -> dict[str, float]:
+        return {"machine": _machine_busy_seconds(), **{
+            name: sum(_cpu_seconds(pid) for pid in [root, *_descendants(root)] if Path(f"/proc/{pid}").exists())
+            for name, root in state.processes.items()}}
+
+    before = totals()
     time.sleep(seconds)
-    return (total() - before) / seconds
+    after = totals()
+    return {name: (after[name] - before.get(name, after[name])) / seconds for name in after}
 
 
 def speed_of(bench: Bench, repeats: int) -> Speed:
     """Rows 2 and 3 of `make bench`, as bench/overhead.py measures them, once the server has caught up with
     what came before (how long that took), and the server's CPU at rest."""
     busy_seconds = wait_until_quiet(bench.state)
-    at_rest = server_cpu_at_rest(bench.state)
+    at_rest = cpu_at_rest(bench.state)
     alone = [bench.session_run(4, True, max_parallel_jobs=1) for _ in range(repeats)]
     sessions = [bench.session_run(24, True) for _ in range(repeats)]
     return Speed(
@@ -119,7 +127,7 @@ def speed_of(bench: Bench, repeats: int) -> Speed:
         session_seconds=statistics.median(sample.run_seconds for sample in sessions),
         critical_path_seconds=statistics.median(sample.critical_path for sample in sessions),
         busy_seconds=busy_seconds,
-        server_cpu_at_rest=at_rest,
+        at_rest=at_rest,
     )
 
 
@@ -194,7 +202,7 @@ def retention_pass(stack: LocalStack, state: StackState, timeout_seconds: float 
 def wait_until_quiet(state: StackState, share: float = QUIET_SHARE, timeout_seconds: float = 900) -> float:
     """Wait until the Prefect server uses less than `share` of a core over 10 s; return the seconds waited."""
     started = time.monotonic()
-    while server_cpu_at_rest(state, 10) >= share and time.monotonic() - started < timeout_seconds:
+    while cpu_at_rest(state, 10)["prefect-server"] >= share and time.monotonic() - started < timeout_seconds:
         pass
     return time.monotonic() - started
 
@@ -217,8 +225,8 @@ def markdown(aging: Aging) -> str:
              f"{s.critical_path_seconds:.1f} s)" for s in speeds.values()]),
         row(f"Prefect server busy (over {QUIET_SHARE * 100:.0f} % of a core) before these figures",
             [f"{s.busy_seconds:.0f} s" for s in speeds.values()]),
-        row(f"Prefect server at rest, share of a core over {REST_SECONDS} s",
-            [f"{s.server_cpu_at_rest * 100:.0f} %" for s in speeds.values()]),
+        *(row(f"at rest over {REST_SECONDS} s, share of a core: {name}",
+              [f"{s.at_rest.get(name, 0) * 100:.0f} %" for s in speeds.values()]) for name in fresh.at_rest),
         row("Prefect database: files", [f"{s.file_mb:.0f} MB" for s in sizes.values()]),
         row("Prefect database: pages in use", [f"{s.used_mb:.0f} MB" for s in sizes.values()]),
         *(row(f"rows of `{table}`", [f"{s.rows[table]:,}" for s in sizes.values()]) for table in COUNTED_TABLES),
