@@ -18,16 +18,14 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.load import _descendants, run_load, write_benchmarks
+from bench.components import database_of_its_own
+from bench.load import descendants, run_load, write_benchmarks
 from bench.overhead import Bench, fresh_stack
-from blocks.database import DcmDatabase
-from flows.runtime.names import DEFAULT_BLOCK
 from ops.stack import FLOW_RUN_RETENTION_DAYS, LocalStack, StackState
 
 SERIES_PER_SESSION = 50
@@ -106,7 +104,7 @@ def cpu_at_rest(state: StackState, seconds: float = REST_SECONDS) -> dict[str, f
     whole machine's, which counts whatever else runs on it."""
     def totals() -> dict[str, float]:
         return {"machine": _machine_busy_seconds(), **{
-            name: sum(_cpu_seconds(pid) for pid in [root, *_descendants(root)] if Path(f"/proc/{pid}").exists())
+            name: sum(_cpu_seconds(pid) for pid in [root, *descendants(root)] if Path(f"/proc/{pid}").exists())
             for name, root in state.processes.items()}}
 
     before = totals()
@@ -137,16 +135,10 @@ def run_jobs(stack_state: StackState, jobs: int, folder: Path) -> tuple[int, int
     done = not_done = wrong = 0
     started = time.monotonic()
     while done < jobs:
-        name = f"aging-{uuid.uuid4().hex[:8]}"
-        database = DcmDatabase.load(DEFAULT_BLOCK).with_database_name(name)
-        database.save(name, overwrite=True)
-        round_folder = folder / name
-        round_folder.mkdir()
-        try:
+        with database_of_its_own("aging") as (database, name):
+            (folder / name).mkdir()
             report = run_load(database, name, stack_state.processes, SESSIONS_PER_ROUND, SERIES_PER_SESSION,
-                              round_folder)
-        finally:
-            database.open().db.get_db().client.drop_database(name)
+                              folder / name)
         done += report.jobs
         not_done += report.jobs_not_done
         wrong += report.callbacks_run_twice + report.callbacks_missing
@@ -245,14 +237,9 @@ def markdown(aging: Aging) -> str:
 
 @contextmanager
 def bench_on(stack: LocalStack, state: StackState, folder: Path) -> Iterator[Bench]:
-    """bench/overhead.py's Bench on `stack`, with a platform database of its own, dropped afterwards."""
-    name = f"aging-bench-{uuid.uuid4().hex[:8]}"
-    database = DcmDatabase.load(DEFAULT_BLOCK).with_database_name(name)
-    database.save(name, overwrite=True)
-    try:
+    """bench/overhead.py's Bench on `stack`, with a platform database of its own."""
+    with database_of_its_own("aging-bench") as (database, name):
         yield Bench(database, name, folder / name, stack, state)
-    finally:
-        database.open().db.get_db().client.drop_database(name)
 
 
 @dataclass

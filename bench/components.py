@@ -4,15 +4,33 @@ schedule them."""
 from __future__ import annotations
 
 import json
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from blocks.database import DcmDatabase
 from flows.runtime.components import MANIFEST, Component
+from flows.runtime.names import DEFAULT_BLOCK
 from flows.runtime.platform_records import PlatformRecords
 from ops.demo import schedule_stable_patient, upload_example_patient
 
 ACCEPT_EVERYTHING = "def accept(**kwargs):\n    return True, {}\n"
+
+
+@contextmanager
+def database_of_its_own(prefix: str) -> Iterator[tuple[DcmDatabase, str]]:
+    """A platform database of the bench's own on the connected stack's database server, saved as the
+    `dcm-database` block of the same name (runs are given that name), and dropped afterwards: the scheduler
+    and the figures see only what the bench put there."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    database = DcmDatabase.load(DEFAULT_BLOCK).with_database_name(name)
+    database.save(name, overwrite=True)
+    try:
+        yield database, name
+    finally:
+        database.open().db.get_db().client.drop_database(name)
 
 
 def service_component(

@@ -18,17 +18,15 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
 
-from bench.components import service_component
+from bench.components import database_of_its_own, service_component
 from blocks.database import DcmDatabase
 from blocks.host import home_folder
 from flows.runtime.components import Component, register_service
-from flows.runtime.names import DEFAULT_BLOCK
 from flows.runtime.platform_records import PlatformRecords
 from flows.submit import submit_session, wait_for_run
 from ops.demo import schedule_stable_patient, upload_example_patient
@@ -91,7 +89,7 @@ def _pss_mb(pid: int) -> float:
     return _memory_mb(pid, "smaps_rollup", "Pss")
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     parents: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -123,7 +121,7 @@ class MemorySampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stopped.wait(SAMPLE_SECONDS):
-            children = _descendants(self.worker_pid) + _descendants(self.warm_engine_pid)
+            children = descendants(self.worker_pid) + descendants(self.warm_engine_pid)
             self.worker_peak = max(self.worker_peak, _rss_mb(self.worker_pid))
             self.flow_runs_peak = max(self.flow_runs_peak, sum(_pss_mb(child) for child in children))
             self.processes_peak = max(self.processes_peak, len(children))
@@ -216,15 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     options = arguments.parse_args(argv)
     stack = LocalStack(home_folder())
     state = stack.start()
-    with stack.connected(state), tempfile.TemporaryDirectory() as folder:
-        name = f"load-{uuid.uuid4().hex[:8]}"  # a database of its own: the scheduler sees only the load's service
-        database = DcmDatabase.load(DEFAULT_BLOCK).with_database_name(name)
-        database.save(name, overwrite=True)
-        try:
-            report = run_load(database, name, state.processes, options.sessions, options.series,
-                              Path(folder))
-        finally:
-            database.open().db.get_db().client.drop_database(name)
+    with (
+        stack.connected(state),
+        tempfile.TemporaryDirectory() as folder,
+        database_of_its_own("load") as (database, name),
+    ):
+        report = run_load(database, name, state.processes, options.sessions, options.series, Path(folder))
     print(json.dumps(asdict(report), indent=2))
     write_benchmarks(markdown(report, options.series), "load")
     print(f"written to {BENCHMARKS}")

@@ -45,7 +45,7 @@ from prefect.client.schemas.filters import (
 from prefect.deployments import run_deployment
 from prefect.workers.process import ProcessWorker
 
-from bench.components import lone_job, service_component
+from bench.components import database_of_its_own, lone_job, service_component
 from bench.containers import ContainerBench, runtime_layer_build
 from bench.figures import Figure
 from bench.load import MemorySampler, write_benchmarks
@@ -53,7 +53,7 @@ from bench.operator_views import measure_operator_views
 from blocks.database import DcmDatabase
 from blocks.host import home_folder
 from flows.runtime.components import Component, register_service
-from flows.runtime.names import DEFAULT_BLOCK, PROCESS_POOL, SESSION_FLOW, deployment
+from flows.runtime.names import PROCESS_POOL, SESSION_FLOW, deployment
 from flows.runtime.platform_records import PlatformRecords
 from flows.runtime.records import JobRecord
 from flows.runtime.wheelhouse import build_wheelhouse
@@ -415,14 +415,9 @@ def measure_jobs(options: argparse.Namespace, folder: Path) -> str:
     """The job, trigger and session figures, on the embedded stack and a database of the bench's own."""
     with fresh_stack(folder / "jobs-stack") as (stack, state):
         deploy_stock_flow()
-        name = f"bench-{uuid.uuid4().hex[:8]}"
-        database = DcmDatabase.load(DEFAULT_BLOCK).with_database_name(name)
-        database.save(name, overwrite=True)
-        try:
+        with database_of_its_own("bench") as (database, name):
             bench = Bench(database, name, folder, stack, state)
             return measure(bench, options.repeats, options.baseline_repeats, options.sessions)
-        finally:
-            database.open().db.get_db().client.drop_database(name)
 
 
 def measure_docker_jobs(repeats: int, folder: Path) -> str:
