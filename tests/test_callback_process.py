@@ -158,6 +158,69 @@ def test_a_callback_whose_process_is_killed_after_it_returned_has_returned(tmp_p
     assert value == "done"
 
 
+RUN_PROCESS = """
+import os, signal, sys, threading, time
+from pathlib import Path
+from flows.runtime.callback import Callback
+from flows.runtime.environments import environment_for
+from flows.runtime.variables import callback_variables
+
+tmp, kill_after = Path(sys.argv[1]), float(sys.argv[2])
+callback = Callback(module="callbacks", function="run", search_path=[str(tmp / "pkg")], workspace=str(tmp / "job"))
+variables = {**callback_variables({}), "PYTHONPATH": str(tmp / "slow-start")}
+threading.Thread(target=environment_for(None).run,
+                 args=(callback, tmp / "job" / "call", variables, None, lambda *_: None), daemon=True).start()
+time.sleep(kill_after)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def run_and_kill_the_run_process(tmp_path: Path, source: str, interpreter_start_seconds: float,
+                                 kill_after_seconds: float) -> None:
+    """Run `source`'s callback from a stand-in for a flow run's process that is SIGKILLed `kill_after_seconds`
+    after it started the callback's process, whose interpreter takes `interpreter_start_seconds` to start."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "callbacks.py").write_text(source)
+    (tmp_path / "slow-start").mkdir()
+    (tmp_path / "slow-start" / "sitecustomize.py").write_text(f"import time\ntime.sleep({interpreter_start_seconds})\n")
+    (tmp_path / "job").mkdir()
+    run_process = subprocess.run([sys.executable, "-c", RUN_PROCESS, str(tmp_path), str(kill_after_seconds)],
+                                 check=False, timeout=60)
+    assert run_process.returncode == -9
+
+
+def test_a_callback_whose_run_process_died_while_it_started_never_runs(tmp_path: Path) -> None:
+    ran = tmp_path / "ran"
+    source = f"def run():\n    open({str(ran)!r}, 'w').close()\n    return 'done'\n"
+
+    run_and_kill_the_run_process(tmp_path, source, interpreter_start_seconds=1.5, kill_after_seconds=0.3)
+    time.sleep(3)
+
+    assert not ran.exists(), "the callback ran after the flow run's process that started it was gone"
+    assert not (tmp_path / "job").exists()
+
+
+def test_a_callback_that_returned_as_its_run_process_died_leaves_what_it_returned(tmp_path: Path) -> None:
+    source = (
+        "import os, signal, threading, time\n"
+        "def kill_the_run_process(run_process):\n"
+        "    time.sleep(0.2)\n"
+        "    os.kill(run_process, signal.SIGKILL)\n"
+        "def run():\n"
+        "    threading.Thread(target=kill_the_run_process, args=(os.getppid(),)).start()\n"
+        "    return list(range(3_000_000))\n"
+    )
+
+    run_and_kill_the_run_process(tmp_path, source, interpreter_start_seconds=0, kill_after_seconds=60)
+
+    result = tmp_path / "job" / "call" / "result.json"
+    for _ in range(100):
+        if result.exists():
+            break
+        time.sleep(0.1)
+    assert json.loads(result.read_text())["result"][-1] == 2_999_999
+
+
 def abandoned_run_folder(job_id: str, returned: bool) -> Path:
     """A private folder of a run of `job_id` whose process is gone, its callback returned or not."""
     ended = subprocess.Popen(["true"])
@@ -210,6 +273,23 @@ def test_a_run_removes_abandoned_folders_but_those_holding_what_another_jobs_cal
     finally:
         for folder in folders.values():
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_folder_of_a_dead_run_stays_while_a_process_still_works_in_it() -> None:
+    own, other = (uuid.uuid4().hex[:24] for _ in range(2))
+    folder = abandoned_run_folder(other, returned=False)
+    callback = subprocess.Popen(["sleep", "60"], cwd=folder / CALLS_FOLDER / f"01-{EXECUTE_STEP}-run")
+    try:
+        remove_abandoned_job_folders(own)
+        assert folder.exists()
+
+        callback.kill()
+        callback.wait()
+        remove_abandoned_job_folders(own)
+        assert not folder.exists()
+    finally:
+        callback.kill()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_a_stop_request_kills_the_callback_and_reports_a_cancellation(tmp_path: Path) -> None:

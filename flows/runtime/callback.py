@@ -9,6 +9,7 @@ as the platform's 0.0.1 runtime did. A child that dies before answering is repor
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +48,8 @@ class Callback:
 
 def write_invocation(folder: Path, callback: Callback, limits: Mapping[str, int] | None = None) -> Path:
     """Write the wrapper and the call description into `folder`, with the resource limits the wrapper sets
-    (`resource` names such as RLIMIT_AS); return the wrapper's path."""
+    (`resource` names such as RLIMIT_AS); return the wrapper's path. The process that writes it starts the
+    wrapper, which ends with it."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     wrapper = folder / WRAPPER_NAME
     shutil.copyfile(WRAPPER_SOURCE, wrapper)
@@ -57,6 +59,7 @@ def write_invocation(folder: Path, callback: Callback, limits: Mapping[str, int]
         "search_path": [str(path) for path in callback.search_path],
         "provider": callback.database_provider,
         "workspace": callback.workspace,
+        "parent": os.getpid(),
         "limits": dict(limits or {}),
         "args": DBManager.to_json(list(callback.args), callback.database_provider),
         "kwargs": DBManager.to_json(callback.kwargs, callback.database_provider),

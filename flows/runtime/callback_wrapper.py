@@ -23,6 +23,11 @@ PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PDEATHSIG = 1
 PARENT_DEATH_SIGNAL = getattr(signal, "SIGRTMIN", None)
 """A signal nothing else sends the callback: SIGTERM is the run's own request to stop, with a grace period."""
+FINISHING = threading.RLock()
+"""Held while the outcome is written: the run's death, noticed by the signal's handler or by the thread that
+watches the parent, waits for the file, and the handler may interrupt the writing in the same thread."""
+RETURNED = []
+"""What the callback returned, once it has."""
 
 
 def become_subreaper():
@@ -78,16 +83,18 @@ def apply_limits(limits):
 def die_with_parent(parent, workspace):
     """Have the kernel signal this process the moment the flow run's process that started it dies (Linux), and
     end then: a callback that went on would finish side effects that the job's retry repeats. The thread that
-    watches the parent stays as the fallback (a callback busy in C code holds the signal's handler off)."""
-    if PARENT_DEATH_SIGNAL is None:
-        return
-    signal.signal(PARENT_DEATH_SIGNAL, lambda *_: end_now(workspace))
-    try:
-        import ctypes
+    watches the parent stays as the fallback (a callback busy in C code holds the signal's handler off).
 
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(PARENT_DEATH_SIGNAL), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    `parent` is the pid the run's process wrote into the invocation, not this process's parent as found now:
+    a run's process killed while this interpreter started has already handed it to a reaper by then."""
+    if PARENT_DEATH_SIGNAL is not None:
+        signal.signal(PARENT_DEATH_SIGNAL, lambda *_: end_now(workspace))
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(PARENT_DEATH_SIGNAL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
     if os.getppid() != parent:
         end_now(workspace)
 
@@ -101,15 +108,19 @@ def end_with_parent(parent, workspace):
 
 def end_now(workspace):
     """Kill this process group (the callback and whatever it started) and remove the job's temporary folder:
-    the run that started the callback is gone, and nothing else is left to clean up. Once the callback has
-    returned, the folder stays: its result is what the job's next run records instead of calling it again."""
-    for pid in others_in_process_group():
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-    kill_descendants()
-    if workspace and not os.path.exists(os.path.join(FOLDER, RESULT_NAME)):
-        shutil.rmtree(workspace, ignore_errors=True)
-    os.killpg(os.getpgrp(), signal.SIGKILL)
+    the run that started the callback is gone, and nothing else is left to clean up. A callback that has
+    returned has run to its end: what it returned is written and the folder stays, for the job's next run to
+    record instead of calling it again."""
+    with FINISHING:
+        for pid in others_in_process_group():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        kill_descendants()
+        if RETURNED:
+            write_outcome(outcome_of_value(RETURNED[0]))
+        elif workspace and not os.path.exists(os.path.join(FOLDER, RESULT_NAME)):
+            shutil.rmtree(workspace, ignore_errors=True)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def others_in_process_group():
@@ -166,6 +177,11 @@ def outcome_of(invocation):
         traceback.print_exc()
         message = f"{type(error).__name__}: {error}"
         return {"error": {"message": message, "traceback": traceback.format_exc()}}
+    RETURNED.append(value)
+    return outcome_of_value(value)
+
+
+def outcome_of_value(value):
     try:
         json.dumps(value)
     except (TypeError, ValueError) as error:
@@ -174,19 +190,23 @@ def outcome_of(invocation):
     return {"result": value}
 
 
-def main():
-    parent = os.getppid()
-    become_subreaper()
-    with open(os.path.join(FOLDER, "invocation.json")) as stream:
-        invocation = json.load(stream)
-    workspace = invocation.get("workspace")
-    die_with_parent(parent, workspace)
-    threading.Thread(target=end_with_parent, args=(parent, workspace), daemon=True).start()
-    outcome = outcome_of(invocation)
+def write_outcome(outcome):
     partial = os.path.join(FOLDER, RESULT_NAME + ".partial")
     with open(partial, "w") as stream:
         json.dump(outcome, stream)
     os.replace(partial, os.path.join(FOLDER, RESULT_NAME))
+
+
+def main():
+    become_subreaper()
+    with open(os.path.join(FOLDER, "invocation.json")) as stream:
+        invocation = json.load(stream)
+    parent, workspace = invocation.get("parent") or os.getppid(), invocation.get("workspace")
+    die_with_parent(parent, workspace)
+    threading.Thread(target=end_with_parent, args=(parent, workspace), daemon=True).start()
+    outcome = outcome_of(invocation)
+    with FINISHING:
+        write_outcome(outcome)
     kill_descendants()
 
 

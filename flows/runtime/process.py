@@ -76,7 +76,8 @@ def folder_of_this_process(prefix: str) -> Path:
 
 def abandoned_folders(prefix: str) -> list[Path]:
     """This user's temporary folders named by `folder_of_this_process(prefix + ...)` whose process is gone (a
-    run killed while it prepared or ran a job, a pool worker killed mid-run), newest first. A folder another
+    run killed while it prepared or ran a job, a pool worker killed mid-run) and in which no process works any
+    more (a callback ends with its run's process, but not in the same instant), newest first. A folder another
     user made under such a name is not one of ours."""
     found = []
     for folder in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
@@ -88,7 +89,24 @@ def abandoned_folders(prefix: str) -> list[Path]:
         ours = stat.S_ISDIR(status.st_mode) and status.st_uid == os.getuid()
         if ours and owner.isdigit() and not _exists(int(owner)):
             found.append((status.st_mtime, folder))
+    if found:
+        working = _working_folders()
+        found = [(moment, folder) for moment, folder in found if not _works_in(working, folder)]
     return [folder for _, folder in sorted(found, reverse=True)]
+
+
+def _working_folders() -> set[str]:
+    """The working folder of every process this user may look into."""
+    working = set()
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            working.add(os.readlink(entry / "cwd"))
+    return working
+
+
+def _works_in(working: set[str], folder: Path) -> bool:
+    inside = str(folder.resolve())
+    return any(path == inside or path.startswith(f"{inside}/") for path in working)
 
 
 def is_private(folder: Path) -> bool:
