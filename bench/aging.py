@@ -6,7 +6,8 @@ sessions. Then it measures two rows of `make bench` on it (one job at a time ins
 month passes: the Prefect server is stopped, every timestamp of its database is moved back by the flow-run
 retention period and a day, and the server starts again with its vacuum pass due every few seconds instead of
 every hour (the retention periods are the stack's own). Once the pass has deleted what it deletes, it measures
-again; last, the same on a fresh stack, the baseline. The size of the Prefect database (file, pages in use,
+again. Both times a fresh stack, started beside it once the jobs have run, is the baseline, measured in rounds
+that alternate with the aging stack's. The size of the Prefect database (file, pages in use,
 rows per table) is read at each step. The figures go into docs/benchmarks.md."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,29 +200,59 @@ def wait_until_quiet(state: StackState, share: float = QUIET_SHARE, timeout_seco
     return time.monotonic() - started
 
 
+FIGURES: dict[str, tuple[Callable[[Speed], float], str]] = {
+    "one job at a time in a 10-job session: session run less its callbacks, per job":
+        (lambda speed: speed.per_job_seconds, "{:.3f} s"),
+    "50-job session run": (lambda speed: speed.session_seconds, "{:.1f} s"),
+    "its critical path": (lambda speed: speed.critical_path_seconds, "{:.1f} s"),
+    f"Prefect server busy (over {QUIET_SHARE * 100:.0f} % of a core) before the figures":
+        (lambda speed: speed.busy_seconds, "{:.0f} s"),
+}
+
+
+@dataclass
+class Comparison:
+    """One moment of the aging stack, measured in rounds that alternate with the fresh stack beside it: the
+    machine's mood changes by ±30 % within minutes, so each round's ratio compares neighbours in time."""
+
+    aged: list[Speed] = field(default_factory=list)
+    fresh: list[Speed] = field(default_factory=list)
+
+    def cells(self, figure: Callable[[Speed], float], form: str, with_ratio: bool = True) -> list[str]:
+        """The aging stack's median, the fresh stack's, and each round's ratio with their median."""
+        medians = [form.format(statistics.median(map(figure, self.aged))),
+                   form.format(statistics.median(map(figure, self.fresh)))]
+        if not with_ratio:
+            return [*medians, ""]
+        ratios = [figure(aged) / figure(fresh) if figure(fresh) else float("nan")
+                  for aged, fresh in zip(self.aged, self.fresh, strict=True)]
+        each_round = ", ".join(f"{ratio:.2f}" for ratio in ratios)
+        return [*medians, f"**{statistics.median(ratios):.2f}x** ({each_round})"]
+
+
 def markdown(aging: Aging) -> str:
-    phases = [FRESH, *(label for label in aging.speeds if label != FRESH)]
-    speeds = {label: aging.speeds[label] for label in phases}
-    sizes = {label: aging.sizes[label] for label in phases}
-    header = "| | " + " | ".join(phases) + " |\n|---|" + "---|" * len(phases) + "\n"
+    header = ("| | " + " | ".join(f"{label} | {FRESH} | ratio (each round)" for label in aging.comparisons)
+              + " |\n|---|" + "---|---|---|" * len(aging.comparisons) + "\n")
 
     def row(name: str, values: list[str]) -> str:
         return f"| {name} | " + " | ".join(values) + " |"
 
-    fresh = speeds[FRESH]
+    comparisons = list(aging.comparisons.values())
+    services = comparisons[0].fresh[0].at_rest
     speed_rows = [
-        row("one job at a time in a 10-job session: session run less its callbacks, per job",
-            [f"{s.per_job_seconds:.3f} s ({s.per_job_seconds / fresh.per_job_seconds:.2f}x)" for s in speeds.values()]),
-        row("50-job session run (its critical path)",
-            [f"{s.session_seconds:.1f} s ({s.session_seconds / fresh.session_seconds:.2f}x; "
-             f"{s.critical_path_seconds:.1f} s)" for s in speeds.values()]),
-        row(f"Prefect server busy (over {QUIET_SHARE * 100:.0f} % of a core) before these figures",
-            [f"{s.busy_seconds:.0f} s" for s in speeds.values()]),
+        *(row(name, [cell for comparison in comparisons for cell in comparison.cells(figure, form)])
+          for name, (figure, form) in FIGURES.items()),
         *(row(f"at rest over {REST_SECONDS} s, share of a core: {name}",
-              [f"{s.at_rest.get(name, 0) * 100:.0f} %" for s in speeds.values()]) for name in fresh.at_rest),
-        row("Prefect database: files", [f"{s.file_mb:.0f} MB" for s in sizes.values()]),
-        row("Prefect database: pages in use", [f"{s.used_mb:.0f} MB" for s in sizes.values()]),
-        *(row(f"rows of `{table}`", [f"{s.rows[table]:,}" for s in sizes.values()]) for table in COUNTED_TABLES),
+              [cell for comparison in comparisons for cell in comparison.cells(
+                  lambda speed, name=name: speed.at_rest.get(name, 0) * 100, "{:.0f} %", with_ratio=False)])
+          for name in services),
+    ]
+    sizes = aging.sizes
+    size_header = "| | " + " | ".join(sizes) + " |\n|---|" + "---|" * len(sizes) + "\n"
+    size_rows = [
+        row("Prefect database: files", [f"{size.file_mb:.0f} MB" for size in sizes.values()]),
+        row("Prefect database: pages in use", [f"{size.used_mb:.0f} MB" for size in sizes.values()]),
+        *(row(f"rows of `{table}`", [f"{size.rows[table]:,}" for size in sizes.values()]) for table in COUNTED_TABLES),
     ]
     return (
         "<!-- aging -->\n## A long-lived stack (`make aging`)\n\n"
@@ -229,56 +260,70 @@ def markdown(aging: Aging) -> str:
         f"concurrent {SERIES_PER_SESSION}-series sessions ({aging.jobs_per_minute:.0f} jobs/min, {aging.failures} "
         "jobs not done, run twice or missing), and a month later: every timestamp of Prefect's database moved back "
         f"{FLOW_RUN_RETENTION_DAYS + 1} days, then the server's own vacuum pass with the stack's retention periods "
-        f"(it took {aging.retention_pass_seconds:.0f} s); beside a fresh stack started after it. Each speed figure is "
-        "the median of the runs at that moment, its ratio against the fresh stack's.\n\n"
-        + header + "\n".join(speed_rows) + "\n<!-- /aging -->"
+        f"(it took {aging.retention_pass_seconds:.0f} s). A fresh stack, started once the jobs had run, runs beside "
+        f"it; at each moment the two are measured in {aging.rounds} alternating rounds (each figure of a round the "
+        "median of its runs), and the ratio of each round compares neighbours in time.\n\n"
+        + header + "\n".join(speed_rows) + "\n\n" + size_header + "\n".join(size_rows) + "\n<!-- /aging -->"
     )
 
 
 @contextmanager
 def bench_on(stack: LocalStack, state: StackState, folder: Path) -> Iterator[Bench]:
-    """bench/overhead.py's Bench on `stack`, with a platform database of its own."""
-    with database_of_its_own("aging-bench") as (database, name):
+    """bench/overhead.py's Bench on `stack`, with a platform database of its own on the stack's database server
+    (saved as a block of the stack's Prefect server)."""
+    with stack.connected(state), database_of_its_own("aging-bench") as (database, name):
         yield Bench(database, name, folder / name, stack, state)
 
 
 @dataclass
 class Aging:
-    """What one stack went through: the jobs run on it, and its speed and size at each step."""
+    """What one stack went through: the jobs run on it, its speed beside a fresh stack's and its size at each
+    moment."""
 
+    rounds: int
+    repeats: int
     jobs: int = 0
     failures: int = 0
     jobs_per_minute: float = 0.0
     retention_pass_seconds: float = 0.0
-    speeds: dict[str, Speed] = field(default_factory=dict)
+    comparisons: dict[str, Comparison] = field(default_factory=dict)
     sizes: dict[str, Size] = field(default_factory=dict)
 
-    def measure(self, label: str, stack: LocalStack, bench: Bench, repeats: int) -> None:
-        self.sizes[label], self.speeds[label] = size_of(prefect_database(stack)), speed_of(bench, repeats)
-        print(label, self.speeds[label], self.sizes[label], flush=True)
+    def compare(self, label: str, aged: Bench, fresh: Bench) -> None:
+        """Measure the aging stack and the fresh one in alternating rounds; read the aging stack's size."""
+        self.sizes[label] = size_of(prefect_database(aged.stack))
+        comparison = self.comparisons[label] = Comparison()
+        for _ in range(self.rounds):
+            for bench, speeds in ((aged, comparison.aged), (fresh, comparison.fresh)):
+                with bench.stack.connected(bench.state):
+                    speeds.append(speed_of(bench, self.repeats))
+            print(label, comparison.aged[-1], comparison.fresh[-1], flush=True)
 
 
-def age(stack: LocalStack, state: StackState, folder: Path, jobs: int, repeats: int, aging: Aging) -> None:
-    """Run `jobs` jobs on the stack, measure, let a month pass and the retention pass run, measure again."""
-    aging.jobs, aging.failures, aging.jobs_per_minute = run_jobs(state, jobs, folder)
-    with bench_on(stack, state, folder) as bench:
-        aging.measure(f"after {aging.jobs:,} jobs", stack, bench, repeats)
-        aging.retention_pass_seconds = retention_pass(stack, state)
-        aging.measure("a month later, after the retention pass", stack, bench, repeats)
+def age(folder: Path, jobs: int, aging: Aging) -> None:
+    """Run `jobs` jobs on a stack; start a fresh one beside it and compare them; let a month pass and the
+    retention pass run on the aged stack; compare them again."""
+    with fresh_stack(folder / "aging-stack") as (stack, state):
+        aging.jobs, aging.failures, aging.jobs_per_minute = run_jobs(state, jobs, folder)
+        with fresh_stack(folder / "fresh-stack") as (fresh, fresh_state), \
+                bench_on(stack, state, folder) as aged_bench, bench_on(fresh, fresh_state, folder) as fresh_bench:
+            aging.compare(f"after {aging.jobs:,} jobs", aged_bench, fresh_bench)
+            with stack.connected(state):
+                aging.retention_pass_seconds = retention_pass(stack, state)
+            aging.compare("a month later, after the retention pass", aged_bench, fresh_bench)
+            aging.sizes[FRESH] = size_of(prefect_database(fresh))
 
 
 def main(argv: list[str] | None = None) -> int:
     arguments = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     arguments.add_argument("--jobs", type=int, default=5000, help="job records to run on the aging stack")
-    arguments.add_argument("--repeats", type=int, default=3)
+    arguments.add_argument("--rounds", type=int, default=3, help="alternating rounds at each moment")
+    arguments.add_argument("--repeats", type=int, default=2, help="runs of each figure in a round")
     arguments.add_argument("--no-write", action="store_true", help="print the table only")
     options = arguments.parse_args(argv)
-    aging = Aging()
+    aging = Aging(rounds=options.rounds, repeats=options.repeats)
     with tempfile.TemporaryDirectory() as folder:
-        with fresh_stack(Path(folder) / "aging-stack") as (stack, state):
-            age(stack, state, Path(folder), options.jobs, options.repeats, aging)
-        with fresh_stack(Path(folder) / "fresh-stack") as (stack, state), bench_on(stack, state, Path(folder)) as bench:
-            aging.measure(FRESH, stack, bench, options.repeats)
+        age(Path(folder), options.jobs, aging)
     section = markdown(aging)
     print(section)
     if not options.no_write:
