@@ -20,6 +20,7 @@ from prefect.states import Cancelled, Crashed, Failed
 from blocks.database import DcmDatabase
 from flows.run_logs import RunLogger, line_logger
 from flows.runtime.errors import AlreadyClaimed, CallbackFailed, ClaimLost, DatabaseUnavailable, RunCancelled
+from flows.runtime.fast_path import say_if_started_slowly
 from flows.runtime.job_run import JobRun, Outcome, PreparedJob
 from flows.runtime.names import DEFAULT_BLOCK, JOB_FLOW
 from flows.runtime.platform_records import PlatformRecords
@@ -133,6 +134,7 @@ def job_flow(job_id: str, database_block: str = DEFAULT_BLOCK) -> Any:
         database_block: name of the `dcm-database` block; without such a block the worker's
             DCM_DB_PROVIDER, DCM_DB_URL and DCM_DB_NAME are used.
     """
+    say_if_started_slowly(get_run_logger())
     database = DcmDatabase.resolve(database_block)
     run = JobRun(PlatformRecords(database.open()), job_id, str(runtime.flow_run.id))
     try:

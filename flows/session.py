@@ -44,6 +44,7 @@ from blocks.database import DcmDatabase, resolved_once
 from flows.job import job_flow
 from flows.runtime.environments import Environment, environment_of_job
 from flows.runtime.errors import AlreadyClaimed, ClaimLost, DatabaseUnavailable, JobError
+from flows.runtime.fast_path import say_if_started_slowly
 from flows.runtime.intake import IntakeWatch
 from flows.runtime.names import DEFAULT_BLOCK, SESSION_FLOW, JobParameters
 from flows.runtime.platform_records import PlatformRecords
@@ -338,6 +339,7 @@ def _run_session(
     jobs_in_session: bool,
 ) -> Any:
     logger = get_run_logger()
+    say_if_started_slowly(logger)
     records = PlatformRecords(DcmDatabase.resolve(database_block).open())
     try:
         with get_client(sync_client=True) as client:

@@ -19,7 +19,7 @@ from prefect.client.orchestration import SyncPrefectClient
 from prefect.exceptions import ObjectNotFound
 
 from blocks.database import DcmDatabase
-from flows.runtime.names import DEFAULT_BLOCK, DOCKER_POOL, PROCESS_POOL, SESSION_QUEUE
+from flows.runtime.names import DEFAULT_BLOCK, DOCKER_POOL, POOL_WORKER_TYPES, PROCESS_POOL, SESSION_QUEUE
 from flows.runtime.platform_records import PlatformRecords
 from ops.prefect_setup import CRASH_AUTOMATION, PREFECT_YAML
 from ops.warm_engine import connect_to_warm_engine
@@ -27,6 +27,8 @@ from ops.warm_engine import connect_to_warm_engine
 WORKER_SILENT_AFTER = timedelta(seconds=90)
 """A pool worker whose last heartbeat is older than this is taken for gone (workers beat every 30 s)."""
 SET_UP = "run `dcm-flows setup` against this server"
+STOCK_WORKER_NAMES = ("ProcessWorker ", "DockerWorker ")
+"""How Prefect names its stock process and docker workers when `--name` is not given (class name and a uuid)."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,8 @@ class Doctor:
         return Finding("Prefect server", str(self.client.api_url), None if problem is None else str(problem),
                        "start the server (`dcm-flows stack start`, or `prefect server start`) and set PREFECT_API_URL")
 
-    def _pool(self, name: str, needed_for: str) -> Finding:
+    def pool(self, name: str, needed_for: str) -> Finding:
+        """The pool exists, and a worker of this project's type polls it."""
         check = f"work pool {name}"
         try:
             pool = self.client.read_work_pool(name)
@@ -79,17 +82,23 @@ class Doctor:
         now = datetime.now(timezone.utc)
         workers = [worker for worker in self.client.read_workers_for_work_pool(name)
                    if worker.last_heartbeat_time and now - worker.last_heartbeat_time < WORKER_SILENT_AFTER]
+        start = f"`prefect worker start --pool {name} --type {POOL_WORKER_TYPES.get(pool.type, pool.type)}`"
         if not workers:
             return Finding(check, "", f"no worker polls it: {needed_for} wait, Scheduled",
-                           f"start one: `prefect worker start --pool {name}` on each host that runs them")
+                           f"start one: {start} on each host that runs them")
         seen = f"{len(workers)} worker(s) polling" + (" (PAUSED: dcm-flows resume)" if pool.is_paused else "")
+        stock = [worker.name for worker in workers if worker.name.startswith(STOCK_WORKER_NAMES)]
+        if stock:
+            return Finding(check, seen, f"{', '.join(stock)}: Prefect's stock worker, which finds a run only at its "
+                           "next poll and starts each in a fresh interpreter (slower, still correct)",
+                           f"stop it and start {start} instead")
         return Finding(check, seen)
 
     def process_pool(self) -> Finding:
-        return self._pool(PROCESS_POOL, "sessions and venv jobs")
+        return self.pool(PROCESS_POOL, "sessions and venv jobs")
 
     def docker_pool(self) -> Finding:
-        return self._pool(DOCKER_POOL, "docker jobs")
+        return self.pool(DOCKER_POOL, "docker jobs")
 
     def sessions_queue(self) -> Finding:
         check = f"work queue {SESSION_QUEUE}"

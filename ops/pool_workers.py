@@ -9,6 +9,8 @@
   runtime cannot start, say) can be gone before the worker looks: prefect-docker then reports the code
   of the container as created, 0, and the run stays Pending for good. At its start it removes the
   stopped containers of ended runs that an earlier worker, killed mid-run, left behind.
+* **Their runs know who started them.** Each run's environment names the worker's type, so that the runs a
+  stock worker started say so (flows/runtime/fast_path.py).
 * **The process worker says why a run never started.** A run whose process dies before its flow starts
   (a mistyped command, a broken interpreter) is Crashed with its exit code only; each run's standard error
   goes to a file of the worker's, whose end goes into the run's logs when that happens (and which is passed
@@ -46,7 +48,7 @@ from prefect.utilities.asyncutils import run_sync_in_worker_thread
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration, DockerWorkerResult
 
-from flows.runtime.names import DOCKER_POOL_WORKER_TYPE, PROCESS_POOL_WORKER_TYPE
+from flows.runtime.names import DOCKER_POOL_WORKER_TYPE, POOL_WORKER_VARIABLE, PROCESS_POOL_WORKER_TYPE
 from flows.runtime.process import folder_of_this_process, remove_abandoned_folders
 
 if TYPE_CHECKING:
@@ -139,6 +141,7 @@ class ProcessPoolWorker(WakesOnNewRuns, ProcessWorker):
     ) -> ProcessWorkerResult:
         folder = folder_of_this_process(RUN_FOLDER_PREFIX)
         errors = folder / "stderr"
+        configuration.env = {**configuration.env, POOL_WORKER_VARIABLE: PROCESS_POOL_WORKER_TYPE}
         try:
             configuration.command = with_errors_to(errors, with_own_interpreter(configuration.command))
             result = await super().run(flow_run, configuration, task_status)
@@ -251,6 +254,7 @@ class DockerPoolWorker(WakesOnNewRuns, DockerWorker):
         task_status: anyio.abc.TaskStatus[str] | None = None,
     ) -> DockerWorkerResult:
         configuration.auto_remove = False
+        configuration.env = {**configuration.env, POOL_WORKER_VARIABLE: DOCKER_POOL_WORKER_TYPE}
         try:
             return await super().run(flow_run, configuration, task_status)
         finally:

@@ -17,7 +17,7 @@ the same command works on every host.
 Run one beside each process worker, from the same environment, and give the worker its socket:
 
     python -m ops.warm_engine serve /run/dcm-flows/engine.sock &
-    DCM_FLOWS_WARM_ENGINE=/run/dcm-flows/engine.sock prefect worker start --pool dcm-process --type process
+    DCM_FLOWS_WARM_ENGINE=/run/dcm-flows/engine.sock prefect worker start --pool dcm-process --type dcm-process
 
 `dcm-flows stack start` does both. The warm engine runs the code it imported when it started: restart it
 with the worker after upgrading this project. The socket is made readable by its owner only; whoever can
@@ -47,12 +47,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
+from flows.runtime.names import FRESH_ENGINE_VARIABLE, WARM_ENGINE_SOCKET_VARIABLE
 from flows.runtime.process import send_signal
 
 if TYPE_CHECKING:
     import ssl
 
-SOCKET_VARIABLE = "DCM_FLOWS_WARM_ENGINE"
+SOCKET_VARIABLE = WARM_ENGINE_SOCKET_VARIABLE
 """The environment variable that tells the job command where the warm engine of its host listens."""
 
 PRELOADED_MODULES = (
@@ -140,19 +141,24 @@ def peer_user(connection: socket.socket) -> int:
 
 def run_flow_run() -> NoReturn:
     """The job command: run this process's flow run in the warm engine, or be `python -m prefect.engine`."""
-    connection = connect_to_warm_engine(os.environ.get(SOCKET_VARIABLE, ""))
+    path = os.environ.get(SOCKET_VARIABLE, "")
+    if not path:
+        _become_a_fresh_engine(f"the worker has no {SOCKET_VARIABLE}")
+    connection = connect_to_warm_engine(path)
     if connection is None:
-        _become_a_fresh_engine()
+        _become_a_fresh_engine(f"no warm engine answers at {path}")
     replies = connection.makefile("r")
     pid = _hand_over(connection, replies)
     if pid is None:
-        _become_a_fresh_engine()
+        _become_a_fresh_engine("the warm engine refused the run")
     for forwarded in (signal.SIGTERM, signal.SIGINT):
         signal.signal(forwarded, lambda signal_number, _frame: send_signal(pid, signal_number))
     _exit_as(_wait_for_exit(replies, pid))
 
 
-def _become_a_fresh_engine() -> NoReturn:
+def _become_a_fresh_engine(reason: str) -> NoReturn:
+    """Become `python -m prefect.engine`, telling the run why (flows/runtime/fast_path.py)."""
+    os.environ[FRESH_ENGINE_VARIABLE] = reason
     os.execv(sys.executable, [sys.executable, "-m", "prefect.engine"])
 
 

@@ -18,7 +18,9 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 
-from flows.runtime.names import PROCESS_POOL_WORKER_TYPE
+from flows.runtime.fast_path import slow_start_advice
+from flows.runtime.names import FRESH_ENGINE_VARIABLE, POOL_WORKER_VARIABLE, PROCESS_POOL_WORKER_TYPE
+from ops.doctor import Doctor
 from ops.pool_workers import ProcessPoolWorker
 from ops.stack import STOP_TIMEOUT_SECONDS, WORKER_STARTED, LocalStack, StackState
 from tests.conftest import eventually, finished, read_flow_run, read_logs
@@ -29,10 +31,11 @@ SUBSCRIBED_SECONDS = 3
 
 
 @contextmanager
-def pool_with_worker(local_stack: LocalStack, stack: StackState, log: Path, **environment: str) -> Iterator[str]:
-    """A process pool of its own with the `dcm-job` flow deployed on it, and one of this project's process
-    workers polling it, started with the stack's worker environment changed by `environment`; yields the
-    deployment's name."""
+def pool_with_worker(local_stack: LocalStack, stack: StackState, log: Path, worker_type: str = PROCESS_POOL_WORKER_TYPE,
+                     **environment: str) -> Iterator[str]:
+    """A process pool of its own with the `dcm-job` flow deployed on it, and a process worker of `worker_type`
+    (this project's unless told) polling it, started with the stack's worker environment changed by
+    `environment`; yields the deployment's name."""
     pool = f"pool-{uuid.uuid4().hex[:8]}"
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(
@@ -47,7 +50,7 @@ def pool_with_worker(local_stack: LocalStack, stack: StackState, log: Path, **en
     with log.open("w") as output:
         worker = subprocess.Popen(
             [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool,
-             "--type", PROCESS_POOL_WORKER_TYPE],
+             "--type", worker_type],
             env={**os.environ, **local_stack.worker_environment(stack), **environment},
             stdout=output, stderr=subprocess.STDOUT,
         )
@@ -99,6 +102,61 @@ def test_a_process_worker_starts_a_new_run_long_before_its_next_poll(slow_pollin
     final = finished(flow_run.id)
 
     assert final.state.is_failed() and "no job with id 0123456789abcdef01234567" in final.state.message
+    assert not [log.message for log in read_logs(flow_run.id) if "instead" in log.message or "fresh" in log.message]
+
+
+@pytest.fixture
+def stock_worker_pool(local_stack: LocalStack, stack: StackState, tmp_path: Path) -> Iterator[str]:
+    """A pool polled by Prefect's stock process worker, as Prefect's docs start it."""
+    with pool_with_worker(local_stack, stack, tmp_path / "worker.log", "process") as deployment:
+        yield deployment
+
+
+def test_a_run_of_prefects_stock_worker_says_which_worker_to_start_instead_and_doctor_names_the_worker(
+    stock_worker_pool: str,
+) -> None:
+    pool = stock_worker_pool.split("/")[1]
+
+    flow_run = run_deployment(stock_worker_pool, parameters={"job_id": "0123456789abcdef01234567"}, timeout=0)
+    final = finished(flow_run.id)
+    with get_client(sync_client=True) as client:
+        finding = Doctor(client).pool(pool, "the test's runs")
+
+    assert final.state.is_failed() and "no job with id" in final.state.message
+    advice = [log.message for log in read_logs(flow_run.id) if "Prefect's stock worker" in log.message]
+    assert len(advice) == 1 and f"`prefect worker start --pool {pool} --type dcm-process`" in advice[0]
+    assert finding.problem is not None and "Prefect's stock worker" in finding.problem
+    assert f"--pool {pool} --type dcm-process" in finding.fix
+
+
+@pytest.fixture
+def pool_without_warm_engine(local_stack: LocalStack, stack: StackState, tmp_path: Path) -> Iterator[str]:
+    """A pool whose worker (this project's) was started without the warm engine's socket."""
+    with pool_with_worker(local_stack, stack, tmp_path / "worker.log", DCM_FLOWS_WARM_ENGINE="") as deployment:
+        yield deployment
+
+
+def test_a_run_started_in_a_fresh_interpreter_says_why_and_how_to_start_the_warm_engine(
+    pool_without_warm_engine: str,
+) -> None:
+    flow_run = run_deployment(pool_without_warm_engine, parameters={"job_id": "0123456789abcdef01234567"}, timeout=0)
+    finished(flow_run.id)
+
+    advice = [log.message for log in read_logs(flow_run.id) if "fresh interpreter" in log.message]
+    assert len(advice) == 1 and "the worker has no DCM_FLOWS_WARM_ENGINE" in advice[0]
+    assert "python -m ops.warm_engine serve" in advice[0]
+
+
+@pytest.mark.parametrize(("environment", "advice"), [
+    ({}, "`prefect worker start --pool dcm-docker --type dcm-docker`"),
+    ({POOL_WORKER_VARIABLE: "dcm-process", FRESH_ENGINE_VARIABLE: "no warm engine answers at /s"}, "answers at /s"),
+    ({POOL_WORKER_VARIABLE: "dcm-process"}, None),
+    ({POOL_WORKER_VARIABLE: "dcm-docker", FRESH_ENGINE_VARIABLE: "the worker has no DCM_FLOWS_WARM_ENGINE"}, None),
+], ids=["stock worker", "no warm engine", "fast path", "docker container"])
+def test_only_a_run_started_the_slow_way_is_told_what_to_start(environment: dict[str, str], advice: str | None) -> None:
+    said = slow_start_advice(environment, "dcm-docker", "docker")
+
+    assert said is None if advice is None else advice in (said or "")
 
 
 def test_a_process_worker_without_its_environment_on_path_runs_jobs_with_its_own_python(

@@ -23,6 +23,15 @@ SESSION_QUEUE = "sessions"
 PROCESS_POOL_WORKER_TYPE = "dcm-process"
 DOCKER_POOL_WORKER_TYPE = "dcm-docker"
 """`prefect worker start --type ...` of this project's pool workers (ops/pool_workers.py)."""
+POOL_WORKER_TYPES = {"process": PROCESS_POOL_WORKER_TYPE, "docker": DOCKER_POOL_WORKER_TYPE}
+"""This project's worker type for each of Prefect's pool types (the pools keep Prefect's types)."""
+POOL_WORKER_VARIABLE = "DCM_FLOWS_POOL_WORKER"
+"""This project's pool workers set it in each run's environment, to their type: a run started without it was
+started by Prefect's stock worker."""
+FRESH_ENGINE_VARIABLE = "DCM_FLOWS_FRESH_ENGINE"
+"""The job command sets it, to the reason, when the run starts in a fresh interpreter instead of the warm engine."""
+WARM_ENGINE_SOCKET_VARIABLE = "DCM_FLOWS_WARM_ENGINE"
+"""Where the warm engine of the worker's host listens, in the worker's environment (ops/warm_engine.py)."""
 
 DEFAULT_BLOCK = "default"
 """The name of the `dcm-database` and `dcm-worker-host` blocks a run uses unless told otherwise."""
