@@ -28,6 +28,7 @@ from ops.doctor import Doctor
 from ops.find import SEARCH_FIELDS, as_json, as_text, find_work
 from ops.prefect_setup import ensure_crash_automations, ensure_failure_notifications, set_up
 from ops.progress import follow_run, run_link
+from ops.scaled_stack import ScaledStack
 from ops.stack import LocalStack
 
 WAIT_SECONDS = 24 * 3600
@@ -36,7 +37,11 @@ PREFECT_CONNECTION = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_ST
 
 
 def _stack(arguments: argparse.Namespace) -> LocalStack:
-    return LocalStack(Path(arguments.home))
+    """The stack of the home folder: the kind its state records, or for `stack start` the kind asked for."""
+    home = Path(arguments.home)
+    state = LocalStack(home).state()
+    scaled = getattr(arguments, "scaled", False) or (state is not None and state.kind == ScaledStack.kind)
+    return ScaledStack(home) if scaled else LocalStack(home)
 
 
 @contextlib.contextmanager
@@ -250,9 +255,11 @@ def parser() -> argparse.ArgumentParser:
 
     stack = commands.add_parser("stack", help="the embedded local stack (SecantusDB, Prefect server, pool workers)")
     stack_commands = stack.add_subparsers(dest="action", required=True)
-    stack_commands.add_parser("start", help="start it (or show where the running one is)").set_defaults(
-        handler=stack_start
-    )
+    start = stack_commands.add_parser("start", help="start it (or show where the running one is)")
+    start.add_argument("--scaled", action="store_true",
+                       help="Prefect's scaled shape: PostgreSQL, Redis, two API servers behind haproxy, the background "
+                            "services apart (ops/scaled_stack.py)")
+    start.set_defaults(handler=stack_start)
     stack_commands.add_parser("stop", help="stop it").set_defaults(handler=stack_stop)
     stack_commands.add_parser("status", help="is it running?").set_defaults(handler=stack_status)
 

@@ -132,6 +132,10 @@ class StackState:
     api_url: str
     ui_url: str
     processes: dict[str, int] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+    """The ports of the services that have more than the two URLs say (the scaled stack's)."""
+    kind: str = "embedded"
+    """`embedded`, or `scaled` (ops/scaled_stack.py)."""
     started: dict[str, int] = field(default_factory=dict)
     """Each process's start time (clock ticks since boot): a pid alone may name anyone's process after a
     reboot, so the stack signals only a process whose start time is still the recorded one."""
@@ -159,6 +163,8 @@ class LocalStack:
     reach the API. The secret lives in `api-auth` in the home folder, readable by its owner only; the stack's
     server, workers, runs and this project's CLI are given it.
     """
+
+    kind = "embedded"
 
     def __init__(self, home: Path | None = None) -> None:
         self.home = (home or home_folder()).resolve()
@@ -192,13 +198,15 @@ class LocalStack:
         state = self.state()
         return state is not None and _http_ok(f"{state.api_url}/health")
 
-    def _spawn(self, state: StackState, name: str, command: list[str], environment: dict[str, str]) -> None:
-        """Start a service in a session of its own, and record its pid and start time."""
+    def _spawn(self, state: StackState, name: str, command: list[str], environment: dict[str, str],
+               folder: Path | None = None) -> None:
+        """Start a service in a session of its own, in `folder` (the home unless told), and record its pid and
+        start time."""
         self.logs.mkdir(parents=True, exist_ok=True)
         with open(self.logs / f"{name}.log", "ab") as log:
             process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **environment}, start_new_session=True, cwd=self.home,
+                env={**os.environ, **environment}, start_new_session=True, cwd=folder or self.home,
             )
         state.processes[name] = process.pid
         state.started[name] = _start_time(process.pid) or 0

@@ -1,0 +1,122 @@
+"""The scaled stack (ops/scaled_stack.py): Prefect on PostgreSQL and Redis, two API servers behind haproxy, its
+background services apart; sessions of real DICOM run through it as through the embedded stack, and survive
+one API server's end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
+
+from bench.components import database_of_its_own, service_component
+from blocks.database import DcmDatabase
+from flows.runtime.components import register_service
+from flows.runtime.platform_records import PlatformRecords
+from flows.submit import submit_session, wait_for_run
+from ops.demo import schedule_stable_patient, upload_example_patient
+from ops.scaled_stack import API_SERVERS, PREFECT_DATABASE, PREFECT_ROLE, ScaledStack, postgres_program
+from ops.stack import StackState
+
+pytestmark = [pytest.mark.integration, pytest.mark.scaled]
+
+SERVICE = '''
+import os
+import time
+
+
+def work(session_id, job_name, headers, params, added_params, **kwargs):
+    with open(params["starts"], "a") as starts:
+        starts.write(os.environ["DCM-PROCESSOR-SERVICE-JOB-ID"] + "\\n")
+    time.sleep(params["seconds"])
+    return os.getpid()
+'''
+
+
+@pytest.fixture(scope="module")
+def scaled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ScaledStack, StackState]]:
+    stack = ScaledStack(tmp_path_factory.mktemp("scaled"))
+    try:
+        state = stack.start()
+        with stack.connected(state):
+            yield stack, state
+            APILogWorker.drain_all()
+            EventsWorker.drain_all()
+    finally:
+        stack.purge()
+
+
+def prefect_rows(stack: ScaledStack, state: StackState, table: str) -> int:
+    """Rows of a table of Prefect's database, read from PostgreSQL."""
+    answer = subprocess.run(
+        [postgres_program("psql"), "-h", "127.0.0.1", "-p", str(state.ports["postgres"]), "-U", PREFECT_ROLE,
+         "-d", PREFECT_DATABASE, "-tAc", f"SELECT count(*) FROM {table}"],
+        env={**os.environ, "PGPASSWORD": (stack.home / "postgres-password").read_text()},
+        capture_output=True, text=True, check=True,
+    )
+    return int(answer.stdout)
+
+
+@pytest.fixture
+def database(scaled: tuple[ScaledStack, StackState]) -> Iterator[tuple[DcmDatabase, str]]:
+    """A platform database of the test's own on the scaled stack's SecantusDB, and the block of its name."""
+    with database_of_its_own("scaled") as own:
+        yield own
+
+
+def session_of(database: DcmDatabase, folder: Path, series: int, seconds: float) -> str:
+    """A scheduled session of `series` series, each with one job of a service that takes `seconds`."""
+    records = PlatformRecords(database.open())
+    register_service(records, service_component(folder / "component", f"scaled-{folder.name}", SERVICE, [{
+        "jobName": "work", "workerEntry": "work", "events": ["stable-series"],
+        "params": {"starts": str(folder / "starts"), "seconds": seconds},
+    }]))
+    upload_example_patient(database, patient_id=f"SCALED-{folder.name}", series=series, instances=1)
+    return schedule_stable_patient(database, records)
+
+
+def test_a_session_runs_through_two_api_servers_on_postgresql_with_the_services_apart(
+    scaled: tuple[ScaledStack, StackState], database: tuple[DcmDatabase, str], tmp_path: Path
+) -> None:
+    (stack, state), (platform_database, block) = scaled, database
+    runs_before = prefect_rows(stack, state, "flow_run")
+
+    session_id = session_of(platform_database, tmp_path, series=3, seconds=0.2)
+    final = wait_for_run(submit_session(session_id, block), timeout_seconds=300)
+
+    assert final.state is not None and final.state.is_completed(), final.state
+    assert all(job["done"] for job in platform_database.open().db.get_db()["jobs"].find({"sessionId": session_id}))
+    assert prefect_rows(stack, state, "flow_run") >= runs_before + 6
+    assert all(state.is_ours(name) for name in (*API_SERVERS, "prefect-services", "load-balancer", "redis"))
+    connections = stack.connections_per_api_server()
+    assert set(connections) == set(API_SERVERS) and all(connections.values()), connections
+
+
+def test_a_session_completes_when_one_api_server_ends_in_its_middle(
+    scaled: tuple[ScaledStack, StackState], database: tuple[DcmDatabase, str], tmp_path: Path
+) -> None:
+    (stack, state), (platform_database, block) = scaled, database
+    session_id = session_of(platform_database, tmp_path, series=6, seconds=2.0)
+
+    flow_run_id = submit_session(session_id, block)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "starts").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stack.stop_api_server(state, API_SERVERS[0])
+    try:
+        final = wait_for_run(flow_run_id, timeout_seconds=300)
+    finally:
+        stack.start_api_server(state, API_SERVERS[0])
+
+    assert final.state is not None and final.state.is_completed(), final.state
+    jobs = list(platform_database.open().db.get_db()["jobs"].find({"sessionId": session_id}))
+    assert len(jobs) == 8 and all(job["done"] for job in jobs)
+    assert len((tmp_path / "starts").read_text().split()) == 6, "a callback ran twice"
+    with get_client(sync_client=True) as client:
+        assert client.api_healthcheck() is None
