@@ -18,10 +18,12 @@ import hashlib
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 from pathlib import Path
 
+from flows.runtime.process import send_signal
 from ops.stack import (
     LocalStack,
     StackError,
@@ -31,6 +33,7 @@ from ops.stack import (
     _port_open,
     _wait,
     free_port,
+    process_alive,
 )
 
 API_SERVERS = ("api-server-1", "api-server-2")
@@ -255,6 +258,22 @@ class ScaledStack(LocalStack):
         """Stop one API server, as its host's failure would: the load balancer sends everything to the other."""
         self._end(state, name)
         self._save(state)
+
+    def restart_postgres(self, state: StackState) -> None:
+        """Stop PostgreSQL the fast way (open transactions are rolled back) and start it again on its port, as a
+        maintenance restart would."""
+        pid = state.processes.get("postgres")
+        if pid is not None and state.is_ours("postgres"):
+            send_signal(pid, signal.SIGINT, group=True)
+            _wait("PostgreSQL to stop", lambda: not process_alive(pid), self.logs / "postgres.log")
+        self._end(state, "postgres")
+        self._start_postgres(state)
+
+    def restart_redis(self, state: StackState) -> None:
+        """Stop Redis and start it again on its port, empty: what it held was Prefect's messages in flight."""
+        self._end(state, "redis")
+        _wait("Redis to stop", lambda: not _port_open(state.ports["redis"]), self.logs / "redis.log")
+        self._start_redis(state)
 
     def stop_server(self, state: StackState) -> None:
         for name in ("load-balancer", "prefect-services", *API_SERVERS):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -98,25 +98,46 @@ def test_a_session_runs_through_two_api_servers_on_postgresql_with_the_services_
     assert set(connections) == set(API_SERVERS) and all(connections.values()), connections
 
 
-def test_a_session_completes_when_one_api_server_ends_in_its_middle(
-    scaled: tuple[ScaledStack, StackState], database: tuple[DcmDatabase, str], tmp_path: Path
-) -> None:
-    (stack, state), (platform_database, block) = scaled, database
-    session_id = session_of(platform_database, tmp_path, series=6, seconds=2.0)
+def run_while(stack: ScaledStack, state: StackState, database: tuple[DcmDatabase, str], folder: Path,
+              fault: Callable[[], None], repair: Callable[[], None] = lambda: None) -> str:
+    """Run a session of six 2-second jobs, with `fault` done once the first callback has started and `repair`
+    once the session's run has ended; return the session's id once the checks below have passed."""
+    platform_database, block = database
+    session_id = session_of(platform_database, folder, series=6, seconds=2.0)
 
     flow_run_id = submit_session(session_id, block)
     deadline = time.monotonic() + 120
-    while not (tmp_path / "starts").exists() and time.monotonic() < deadline:
+    while not (folder / "starts").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
-    stack.stop_api_server(state, API_SERVERS[0])
+    fault()
     try:
         final = wait_for_run(flow_run_id, timeout_seconds=300)
     finally:
-        stack.start_api_server(state, API_SERVERS[0])
+        repair()
 
     assert final.state is not None and final.state.is_completed(), final.state
     jobs = list(platform_database.open().db.get_db()["jobs"].find({"sessionId": session_id}))
     assert len(jobs) == 8 and all(job["done"] for job in jobs)
-    assert len((tmp_path / "starts").read_text().split()) == 6, "a callback ran twice"
+    assert len((folder / "starts").read_text().split()) == 6, "a callback ran twice"
     with get_client(sync_client=True) as client:
         assert client.api_healthcheck() is None
+    return session_id
+
+
+def test_a_session_completes_when_one_api_server_ends_in_its_middle(
+    scaled: tuple[ScaledStack, StackState], database: tuple[DcmDatabase, str], tmp_path: Path
+) -> None:
+    stack, state = scaled
+
+    run_while(stack, state, database, tmp_path, fault=lambda: stack.stop_api_server(state, API_SERVERS[0]),
+              repair=lambda: stack.start_api_server(state, API_SERVERS[0]))
+
+
+@pytest.mark.parametrize("service", ["postgres", "redis"])
+def test_a_session_completes_when_postgresql_or_redis_restarts_in_its_middle(
+    scaled: tuple[ScaledStack, StackState], database: tuple[DcmDatabase, str], tmp_path: Path, service: str
+) -> None:
+    stack, state = scaled
+    restart = {"postgres": stack.restart_postgres, "redis": stack.restart_redis}[service]
+
+    run_while(stack, state, database, tmp_path, fault=lambda: restart(state))
