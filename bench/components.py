@@ -35,13 +35,13 @@ def database_of_its_own(prefix: str) -> Iterator[tuple[DcmDatabase, str]]:
 
 def service_component(
     folder: Path, name: str, module_source: str, jobs: list[dict[str, Any]],
-    docker_worker: dict[str, str] | None = None,
+    worker: dict[str, str] | None = None, worker_type: str = "docker",
 ) -> Component:
     """A component folder with a service module, a registry that accepts every object, and `jobs`
     (manifest entries; `registryEntry` defaults to the accepting one).
 
-    `docker_worker` (file name to text: a Dockerfile and settings.json) adds a docker worker of the
-    component's name, which the jobs then name.
+    `worker` (file name to text: settings.json and a Dockerfile or a requirements.txt) adds a worker of
+    `worker_type` and of the component's name, which the jobs then name.
     """
     (folder / "module").mkdir(parents=True)
     (folder / "registry").mkdir()
@@ -50,11 +50,11 @@ def service_component(
     manifest: dict[str, Any] = {"name": name, "version": "1.0.0", "service": {
         "module": "module", "registry": "registry", "jobs": [{"registryEntry": "accept", **job} for job in jobs],
     }}
-    if docker_worker is not None:
+    if worker is not None:
         (folder / "worker").mkdir()
-        for file_name, text in docker_worker.items():
+        for file_name, text in worker.items():
             (folder / "worker" / file_name).write_text(text)
-        manifest["worker"] = {"path": "worker", "type": "docker"}
+        manifest["worker"] = {"path": "worker", "type": worker_type}
         for job in manifest["service"]["jobs"]:
             job["worker"] = name
     (folder / MANIFEST).write_text(json.dumps(manifest))

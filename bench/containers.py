@@ -53,7 +53,7 @@ class ContainerBench:
         self.patients = 0
         service_component(folder, COMPONENT, STAMP_SERVICE, [
             {"jobName": "stamp", "workerEntry": "stamp", "events": ["stable-series"]},
-        ], docker_worker=WORKER_FILES)
+        ], worker=WORKER_FILES)
 
     def install(self) -> str:
         """Install the component (its image is built, the runtime layer added); return the job image."""

@@ -54,7 +54,7 @@ defaults
     timeout tunnel 1h
 
 frontend prefect_api
-    bind 127.0.0.1:{port}
+    bind {address}:{port}
     default_backend prefect_api_servers
 
 backend prefect_api_servers
@@ -88,6 +88,12 @@ class ScaledStack(LocalStack):
 
     kind = "scaled"
 
+    def __init__(self, home: Path | None = None, address: str = "127.0.0.1") -> None:
+        """`address`: where the load balancer, the platform database and Redis listen, for workers on other
+        hosts (an address of this machine they reach; ops/network_hosts.py makes one on a bridge)."""
+        super().__init__(home)
+        self.address = address
+
     @property
     def cluster(self) -> Path:
         """The PostgreSQL cluster's folder (also its socket's)."""
@@ -112,7 +118,7 @@ class ScaledStack(LocalStack):
                 f"{state.ports['postgres']}/{PREFECT_DATABASE}")
 
     def _redis_url(self, state: StackState) -> str:
-        return f"redis://:{self._secret('redis')}@127.0.0.1:{state.ports['redis']}/0"
+        return f"redis://:{self._secret('redis')}@{self.address}:{state.ports['redis']}/0"
 
     def _scaled_prefect_environment(self, state: StackState) -> dict[str, str]:
         """The settings Prefect's scaling guide names, for the API servers, the services and the migrations."""
@@ -139,9 +145,9 @@ class ScaledStack(LocalStack):
         self.home.mkdir(parents=True, exist_ok=True)
         ports = {name: free_port() for name in ("database", "postgres", "redis", "load-balancer", *API_SERVERS)}
         state = StackState(
-            database_url=f"mongodb://127.0.0.1:{ports['database']}/?directConnection=true",
-            api_url=f"http://127.0.0.1:{ports['load-balancer']}/api",
-            ui_url=f"http://127.0.0.1:{ports['load-balancer']}",
+            database_url=f"mongodb://{self.address}:{ports['database']}/?directConnection=true",
+            api_url=f"http://{self.address}:{ports['load-balancer']}/api",
+            ui_url=f"http://{self.address}:{ports['load-balancer']}",
             ports=ports, kind=self.kind,
         )
         self._spawn_database(state)
@@ -193,11 +199,11 @@ class ScaledStack(LocalStack):
     def _start_redis(self, state: StackState) -> None:
         (self.home / "redis").mkdir(exist_ok=True)
         self._spawn(state, "redis", [
-            _program("redis-server", "redis-server"), "--bind", "127.0.0.1", "--port", str(state.ports["redis"]),
+            _program("redis-server", "redis-server"), "--bind", self.address, "--port", str(state.ports["redis"]),
             "--requirepass", self._secret("redis"), "--dir", str(self.home / "redis"), "--save", "",
             "--appendonly", "no",
         ], {})
-        _wait("Redis", lambda: _port_open(state.ports["redis"]), self.logs / "redis.log")
+        _wait("Redis", lambda: _port_open(state.ports["redis"], self.address), self.logs / "redis.log")
 
     def _migrate(self, state: StackState) -> None:
         """Prefect's migrations, once for the stack (its API servers do not run them)."""
@@ -215,7 +221,7 @@ class ScaledStack(LocalStack):
                     self._scaled_prefect_environment(state))
         configuration = self.home / "haproxy.cfg"
         configuration.write_text(HAPROXY_CONFIGURATION.format(
-            port=state.ports["load-balancer"], stats=self.load_balancer_socket,
+            address=self.address, port=state.ports["load-balancer"], stats=self.load_balancer_socket,
             servers="\n    ".join(f"server {name} 127.0.0.1:{state.ports[name]} check inter 1s fall 2 rise 1"
                                   for name in API_SERVERS),
         ))
@@ -272,7 +278,7 @@ class ScaledStack(LocalStack):
     def restart_redis(self, state: StackState) -> None:
         """Stop Redis and start it again on its port, empty: what it held was Prefect's messages in flight."""
         self._end(state, "redis")
-        _wait("Redis to stop", lambda: not _port_open(state.ports["redis"]), self.logs / "redis.log")
+        _wait("Redis to stop", lambda: not _port_open(state.ports["redis"], self.address), self.logs / "redis.log")
         self._start_redis(state)
 
     def stop_server(self, state: StackState) -> None:

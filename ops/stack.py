@@ -102,9 +102,9 @@ def _wait(what: str, ready: Callable[[], bool], log: Path, timeout: float = STAR
     raise StackError(f"{what} did not become ready within {timeout:g} s; see {log}")
 
 
-def _port_open(port: int) -> bool:
+def _port_open(port: int, address: str = "127.0.0.1") -> bool:
     with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
+        return probe.connect_ex((address, port)) == 0
 
 
 def _socket_answers(path: Path) -> bool:
@@ -165,6 +165,8 @@ class LocalStack:
     """
 
     kind = "embedded"
+    address = "127.0.0.1"
+    """Where the platform database and the Prefect API listen: the loopback address on one machine."""
 
     def __init__(self, home: Path | None = None) -> None:
         self.home = (home or home_folder()).resolve()
@@ -261,17 +263,18 @@ class LocalStack:
     def _spawn_database(self, state: StackState) -> None:
         (self.home / "database").mkdir(parents=True, exist_ok=True)
         self._spawn(state, "database", [
-            _executable("secantusd-py"), "--host", "127.0.0.1", "--port", str(self._database_port(state)),
+            _executable("secantusd-py"), "--host", self.address, "--port", str(self._database_port(state)),
             "--storage-path", str(self.home / "database"),
         ], {})
 
     def _wait_for_database(self, state: StackState) -> None:
-        _wait("SecantusDB", lambda: _port_open(self._database_port(state)), self.logs / "database.log")
+        _wait("SecantusDB", lambda: _port_open(self._database_port(state), self.address), self.logs / "database.log")
 
     def stop_database(self, state: StackState) -> None:
         """Stop the platform database (its data stays), as an outage or a maintenance window would."""
         self._end(state, "database")
-        _wait("SecantusDB to stop", lambda: not _port_open(self._database_port(state)), self.logs / "database.log")
+        _wait("SecantusDB to stop", lambda: not _port_open(self._database_port(state), self.address),
+              self.logs / "database.log")
 
     def start_database(self, state: StackState) -> None:
         """Start the platform database again, on the same port and data."""
@@ -306,6 +309,12 @@ class LocalStack:
         """Start the Prefect server again, on the same port and database."""
         self._spawn_server(state)
         self._wait_for_server(state)
+
+    def stop_process_worker(self, state: StackState) -> None:
+        """Stop the stack's process worker, where worker hosts of their own (ops/network_hosts.py) take its
+        runs: it polls every queue of the pool, also theirs."""
+        self._end(state, "process-worker")
+        self._save(state)
 
     def replace_process_worker(self, state: StackState, worker_type: str = PROCESS_POOL_WORKER_TYPE) -> None:
         """Replace the process worker by one of `worker_type` (`process` is Prefect's own, which the bench

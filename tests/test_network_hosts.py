@@ -1,0 +1,111 @@
+"""Worker hosts as network peers (ops/network_hosts.py) of the scaled stack: each host holds the environments
+installed on it, and a session's jobs run on the host that holds theirs."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
+
+from bench.components import database_of_its_own, service_component
+from blocks.database import DcmDatabase
+from flows.runtime.names import SESSION_QUEUE
+from flows.runtime.platform_records import PlatformRecords
+from flows.submit import submit_install, submit_session, wait_for_run
+from ops.demo import schedule_stable_patient, upload_example_patient
+from ops.network_hosts import BRIDGE_ADDRESS, Bridge, NetworkHost
+from ops.scaled_stack import ScaledStack
+from ops.stack import StackState
+
+pytestmark = [pytest.mark.integration, pytest.mark.scaled]
+
+WHERE_AM_I = '''
+import socket
+
+
+def where(session_id, job_name, headers, params, added_params, **kwargs):
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.connect((params["stack"], 9))
+    return probe.getsockname()[0]
+'''
+
+
+@dataclass
+class Hosts:
+    stack: ScaledStack
+    state: StackState
+    hosts: list[NetworkHost]
+    device_ids: list[str]
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Iterator[Hosts]:
+    """The scaled stack on a bridge's address, and two worker hosts on the bridge: host 1 also runs the
+    sessions; the stack's own process worker is stopped, so every process run is on one of the hosts."""
+    home = tmp_path_factory.mktemp("hosts")
+    bridge = Bridge()
+    stack = ScaledStack(home / "stack", address=BRIDGE_ADDRESS)
+    hosts = [NetworkHost(number, home / f"host-{number}", {"DCM_FLOWS_WHEELHOUSE": str(wheelhouse)})
+             for number in (1, 2)]
+    try:
+        bridge.create()
+        state = stack.start()
+        with stack.connected(state):
+            stack.stop_process_worker(state)
+            device_ids = []
+            for host in hosts:
+                host.create()
+                device_ids.append(host.start_workers(
+                    stack, state, other_queues=(SESSION_QUEUE, "default") if host.number == 1 else ()))
+            yield Hosts(stack, state, hosts, device_ids)
+            APILogWorker.drain_all()
+            EventsWorker.drain_all()
+    finally:
+        for host in hosts:
+            host.remove()
+        stack.purge()
+        bridge.remove()
+
+
+def venv_component(folder: Path, name: str) -> Path:
+    """A component whose venv worker's job (of the component's name: the scheduler makes one job per name)
+    answers with the address of the host it ran on."""
+    service_component(folder, name, WHERE_AM_I, [
+        {"jobName": name, "workerEntry": "where", "events": ["stable-series"], "params": {"stack": BRIDGE_ADDRESS}},
+    ], worker={"settings.json": json.dumps({"name": name, "python_version": "3.11"}), "requirements.txt": ""},
+        worker_type="venv")
+    return folder
+
+
+def test_each_job_runs_on_the_host_its_component_was_installed_on(hosts: Hosts, tmp_path: Path) -> None:
+    assert len(set(hosts.device_ids)) == 2, "the hosts answered the same device id"
+    with database_of_its_own("hosts") as (database, block):
+        suffix = tmp_path.name[-6:].replace("_", "-")
+        for host, device_id in zip(hosts.hosts, hosts.device_ids, strict=True):
+            component = venv_component(tmp_path / f"on-host-{host.number}", f"where-{host.number}-{suffix}")
+            installed = wait_for_run(submit_install(str(component), database_block=block,
+                                                    work_queue_name=device_id), timeout_seconds=600)
+            assert installed.state is not None and installed.state.is_completed(), installed.state
+        session_id = ready_session(database)
+
+        final = wait_for_run(submit_session(session_id, block), timeout_seconds=300)
+
+        assert final.state is not None and final.state.is_completed(), final.state
+        answers = {job["job_name"]: job.get("result")
+                   for job in database.open().db.get_db()["jobs"].find({"sessionId": session_id})
+                   if job.get("job_name", "").startswith("where-")}
+        assert answers == {f"where-{host.number}-{suffix}": host.address for host in hosts.hosts}, answers
+        for host in hosts.hosts:
+            assert any((host.home / "workers").iterdir()), f"{host.name} holds no environment"
+
+
+def ready_session(database: DcmDatabase) -> str:
+    records = PlatformRecords(database.open())
+    upload_example_patient(database, patient_id=f"HOSTS-{time.monotonic_ns()}", series=1, instances=1)
+    return schedule_stable_patient(database, records)
