@@ -57,6 +57,9 @@ POLL_SECONDS = 1.0
 DEFAULT_MAX_PARALLEL_JOBS = 4
 CANCEL_GRACE_SECONDS = 20
 PROGRESS_SECONDS = 2.0
+WAITING_NOTICE_SECONDS = 20.0
+"""A job's run on a pool worker still Scheduled this long after it was created is said, once, to wait for its
+queue's worker (the host's worker is down, or its pool or queue paused)."""
 ATTEMPT_KEYS = 1_000_000
 
 
@@ -109,6 +112,8 @@ class SessionJobs:
         self.here: set[str] = set()
         self.threads_running: set[Future[State]] = set()
         self.on_pool_workers: dict[UUID, str] = {}
+        self._unseen_since: dict[UUID, float] = {}
+        """Runs on pool workers not yet found started, and when they were created."""
         self._ended: queue.SimpleQueue[tuple[str, State | str]] = queue.SimpleQueue()
         self._reported: set[str] = set()
         self._lock = threading.Lock()
@@ -178,7 +183,9 @@ class SessionJobs:
         future.add_done_callback(lambda done: self._thread_ended(job.id, done))
 
     def start_on_pool_worker(self, job: JobRecord, work_queue: str | None, records: PlatformRecords) -> None:
-        self.on_pool_workers[submit_job(job.id, self.database_block, work_queue, records)] = job.id
+        flow_run_id = submit_job(job.id, self.database_block, work_queue, records)
+        self.on_pool_workers[flow_run_id] = job.id
+        self._unseen_since[flow_run_id] = time.monotonic()
 
     def wait_for_ended(self) -> list[tuple[str, State | str]]:
         """Wait up to a poll interval; return the jobs that ended, each with its final state or why it
@@ -194,9 +201,28 @@ class SessionJobs:
             time.sleep(POLL_SECONDS)
         if self.on_pool_workers and time.monotonic() - self._polled >= POLL_SECONDS:
             self._polled = time.monotonic()
-            for flow_run in _final_runs(self.client, list(self.on_pool_workers)):
-                ended.append((self.on_pool_workers.pop(flow_run.id), flow_run.state))
+            runs = self.client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=list(self.on_pool_workers))))
+            for flow_run in runs:
+                if flow_run.state is not None and flow_run.state.is_final():
+                    ended.append((self.on_pool_workers.pop(flow_run.id), flow_run.state))
+                self._say_if_waiting(flow_run)
         return ended
+
+    def _say_if_waiting(self, flow_run: FlowRun) -> None:
+        """Say once that a job's run waits for its queue's worker, when it has been Scheduled too long."""
+        since = self._unseen_since.get(flow_run.id)
+        if since is None:
+            return
+        if flow_run.state is None or not flow_run.state.is_scheduled():
+            del self._unseen_since[flow_run.id]
+        elif time.monotonic() - since >= WAITING_NOTICE_SECONDS:
+            del self._unseen_since[flow_run.id]
+            get_run_logger().warning(
+                "job %s waits on work queue '%s' of pool '%s': no worker has taken its run %s for %.0f s (is that "
+                "host's worker running? `dcm-flows doctor` there)", self.on_pool_workers.get(flow_run.id),
+                flow_run.work_queue_name, flow_run.work_pool_name, flow_run.name, time.monotonic() - since,
+            )
 
     def cancel(self, session_run_id: UUID) -> None:
         """Ask every running child run to stop (each records its job as cancelled), then give the
@@ -252,11 +278,6 @@ def left_behind(job_run: FlowRun, session_run: FlowRun) -> bool:
     if state.is_final() or state.type in (StateType.SCHEDULED, StateType.PENDING):
         return True
     return state.is_running() and job_run.created is not None and job_run.created < state.timestamp
-
-
-def _final_runs(client: SyncPrefectClient, flow_run_ids: list[UUID]) -> list[Any]:
-    runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=flow_run_ids)))
-    return [run for run in runs if run.state is not None and run.state.is_final()]
 
 
 def _run_has_ended(client: SyncPrefectClient, flow_run_id: str) -> bool:

@@ -8,8 +8,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from uuid import UUID
 
 import pytest
+from prefect.client.schemas.objects import StateType
 from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
 
@@ -22,6 +24,7 @@ from ops.demo import schedule_stable_patient, upload_example_patient
 from ops.network_hosts import BRIDGE_ADDRESS, Bridge, NetworkHost
 from ops.scaled_stack import ScaledStack
 from ops.stack import StackState
+from tests.conftest import eventually, read_flow_run, read_logs
 
 pytestmark = [pytest.mark.integration, pytest.mark.scaled]
 
@@ -83,26 +86,69 @@ def venv_component(folder: Path, name: str) -> Path:
     return folder
 
 
-def test_each_job_runs_on_the_host_its_component_was_installed_on(hosts: Hosts, tmp_path: Path) -> None:
-    assert len(set(hosts.device_ids)) == 2, "the hosts answered the same device id"
+Installed = tuple[DcmDatabase, str, dict[str, str]]
+
+
+@pytest.fixture(scope="module")
+def installed(hosts: Hosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
+    """A platform database of its own with one venv component installed on each host; the job names of the
+    components, each with the address of the host that holds it."""
+    folder = tmp_path_factory.mktemp("components")
     with database_of_its_own("hosts") as (database, block):
-        suffix = tmp_path.name[-6:].replace("_", "-")
+        where = {}
         for host, device_id in zip(hosts.hosts, hosts.device_ids, strict=True):
-            component = venv_component(tmp_path / f"on-host-{host.number}", f"where-{host.number}-{suffix}")
+            name = f"where-{host.number}-{folder.name[-6:].replace('_', '-')}"
+            component = venv_component(folder / name, name)
             installed = wait_for_run(submit_install(str(component), database_block=block,
                                                     work_queue_name=device_id), timeout_seconds=600)
             assert installed.state is not None and installed.state.is_completed(), installed.state
-        session_id = ready_session(database)
+            where[name] = host.address
+        yield database, block, where
 
-        final = wait_for_run(submit_session(session_id, block), timeout_seconds=300)
 
-        assert final.state is not None and final.state.is_completed(), final.state
-        answers = {job["job_name"]: job.get("result")
-                   for job in database.open().db.get_db()["jobs"].find({"sessionId": session_id})
-                   if job.get("job_name", "").startswith("where-")}
-        assert answers == {f"where-{host.number}-{suffix}": host.address for host in hosts.hosts}, answers
-        for host in hosts.hosts:
-            assert any((host.home / "workers").iterdir()), f"{host.name} holds no environment"
+def answers(database: DcmDatabase, session_id: str) -> dict[str, str]:
+    """What each `where` job of the session answered: the address of the host it ran on."""
+    jobs = database.open().db.get_db()["jobs"].find({"sessionId": session_id})
+    return {job["job_name"]: job.get("result") for job in jobs if job.get("job_name", "").startswith("where-")}
+
+
+def test_each_job_runs_on_the_host_its_component_was_installed_on(
+    hosts: Hosts, installed: Installed
+) -> None:
+    database, block, where = installed
+    assert len(set(hosts.device_ids)) == 2, "the hosts answered the same device id"
+    session_id = ready_session(database)
+
+    final = wait_for_run(submit_session(session_id, block), timeout_seconds=300)
+
+    assert final.state is not None and final.state.is_completed(), final.state
+    assert answers(database, session_id) == where
+    for host in hosts.hosts:
+        assert any((host.home / "workers").iterdir()), f"{host.name} holds no environment"
+
+
+def test_a_job_for_a_host_whose_worker_is_down_waits_visibly_and_runs_when_it_is_back(
+    hosts: Hosts, installed: Installed
+) -> None:
+    database, block, where = installed
+    host = hosts.hosts[1]
+    host.kill_everything()
+    try:
+        session_run = submit_session(ready_session(database), block)
+        eventually(lambda: waiting_said(session_run), timeout=120)
+        assert read_flow_run(session_run).state_type == StateType.RUNNING
+    finally:
+        host.start_workers(hosts.stack, hosts.state)
+
+    final = wait_for_run(session_run, timeout_seconds=300)
+    assert final.state is not None and final.state.is_completed(), final.state
+    said = waiting_said(session_run)
+    assert len(said) == 1 and f"'{hosts.device_ids[1]}'" in said[0] and "'dcm-process'" in said[0], said
+    assert answers(database, final.parameters["session_id"]) == where
+
+
+def waiting_said(session_run: UUID) -> list[str]:
+    return [log.message for log in read_logs(session_run) if "waits on work queue" in log.message]
 
 
 def ready_session(database: DcmDatabase) -> str:
