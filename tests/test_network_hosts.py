@@ -4,16 +4,20 @@ installed on it, and a session's jobs run on the host that holds theirs."""
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import pytest
+from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
 from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
+from prefect.states import Scheduled
 
 from bench.components import database_of_its_own, service_component
 from blocks.database import DcmDatabase
@@ -29,14 +33,24 @@ from tests.conftest import eventually, read_flow_run, read_logs
 pytestmark = [pytest.mark.integration, pytest.mark.scaled]
 
 WHERE_AM_I = '''
+import os
 import socket
+import time
 
 
 def where(session_id, job_name, headers, params, added_params, **kwargs):
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     probe.connect((params["stack"], 9))
-    return probe.getsockname()[0]
+    address = probe.getsockname()[0]
+    if os.path.exists(params["hold"] + address):
+        open(params["hold"] + address + ".started", "w").close()
+    while os.path.exists(params["hold"] + address):
+        time.sleep(0.2)
+    return address
 '''
+HOLD = Path(tempfile.gettempdir()) / "dcm-flows-test-hold-"
+"""While the file of this prefix and a host's address exists, the `where` jobs on that host do not return (and
+say they started, in a file of that name and `.started`)."""
 
 
 @dataclass
@@ -80,7 +94,8 @@ def venv_component(folder: Path, name: str) -> Path:
     """A component whose venv worker's job (of the component's name: the scheduler makes one job per name)
     answers with the address of the host it ran on."""
     service_component(folder, name, WHERE_AM_I, [
-        {"jobName": name, "workerEntry": "where", "events": ["stable-series"], "params": {"stack": BRIDGE_ADDRESS}},
+        {"jobName": name, "workerEntry": "where", "events": ["stable-series"],
+         "params": {"stack": BRIDGE_ADDRESS, "hold": str(HOLD)}},
     ], worker={"settings.json": json.dumps({"name": name, "python_version": "3.11"}), "requirements.txt": ""},
         worker_type="venv")
     return folder
@@ -155,3 +170,38 @@ def ready_session(database: DcmDatabase) -> str:
     records = PlatformRecords(database.open())
     upload_example_patient(database, patient_id=f"HOSTS-{time.monotonic_ns()}", series=1, instances=1)
     return schedule_stable_patient(database, records)
+
+
+def test_a_host_killed_in_the_middle_of_a_job_fails_only_that_job_and_a_retry_after_it_is_back_finishes(
+    hosts: Hosts, installed: Installed
+) -> None:
+    database, block, where = installed
+    host = hosts.hosts[1]
+    hold = Path(f"{HOLD}{host.address}")
+    hold.touch()
+    try:
+        session_id = ready_session(database)
+        session_run = submit_session(session_id, block)
+        eventually(Path(f"{hold}.started").exists, timeout=120)
+        host.kill_everything()
+        failed = wait_for_run(session_run, timeout_seconds=300)
+    finally:
+        hold.unlink(missing_ok=True)
+        Path(f"{hold}.started").unlink(missing_ok=True)
+        host.start_workers(hosts.stack, hosts.state)
+
+    assert failed.state is not None and failed.state.is_failed(), failed.state
+    records = {job.get("job_name"): job for job in jobs_of(database, session_id)}
+    killed = records[next(name for name, address in where.items() if address == host.address)]
+    untouched = records[next(name for name, address in where.items() if address != host.address)]
+    assert not killed["done"] and "crashed" in killed["errorMessage"].lower(), killed.get("errorMessage")
+    assert untouched["done"] and untouched["result"] == hosts.hosts[0].address
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(session_run, Scheduled(), force=True)
+    retried = wait_for_run(session_run, timeout_seconds=300)
+    assert retried.state is not None and retried.state.is_completed(), retried.state
+    assert answers(database, session_id) == where
+
+
+def jobs_of(database: DcmDatabase, session_id: str) -> list[dict[str, Any]]:
+    return list(database.open().db.get_db()["jobs"].find({"sessionId": session_id}))
