@@ -363,11 +363,18 @@ class LocalStack:
         """Point this process's Prefect client (and the database fallback) at the stack.
 
         Prefect reads its settings once, when it is imported, so the API URL is entered as a settings
-        context; processes started from here get it through the environment.
+        context; processes started from here get it through the environment, which is restored afterwards (a
+        second stack connected for a while must not stay the one later processes are pointed at).
         """
+        before = dict(os.environ)
         os.environ.update({**self._prefect_environment(state.api_url), **state.environment()})
-        with temporary_settings(updates={PREFECT_API_URL: state.api_url, PREFECT_API_AUTH_STRING: self.api_auth()}):
-            yield
+        try:
+            with temporary_settings(updates={PREFECT_API_URL: state.api_url,
+                                             PREFECT_API_AUTH_STRING: self.api_auth()}):
+                yield
+        finally:
+            os.environ.clear()
+            os.environ.update(before)
 
     def _save(self, state: StackState) -> None:
         self.state_file.write_text(json.dumps(asdict(state), indent=2))

@@ -141,3 +141,17 @@ def test_a_session_completes_when_postgresql_or_redis_restarts_in_its_middle(
     restart = {"postgres": stack.restart_postgres, "redis": stack.restart_redis}[service]
 
     run_while(stack, state, database, tmp_path, fault=lambda: restart(state))
+
+
+def test_a_second_stack_connected_for_a_while_leaves_later_processes_pointed_at_the_first(tmp_path: Path) -> None:
+    first, second = ScaledStack(tmp_path / "first"), ScaledStack(tmp_path / "second")
+    first_state = StackState("mongodb://10.0.0.1:1", "http://10.0.0.1:1/api", "http://10.0.0.1:1")
+    second_state = StackState("mongodb://10.0.0.2:2", "http://10.0.0.2:2/api", "http://10.0.0.2:2")
+
+    with first.connected(first_state):
+        with second.connected(second_state):
+            assert os.environ["PREFECT_API_URL"] == second_state.api_url
+        inherited = subprocess.run(["sh", "-c", "echo $PREFECT_API_URL $PREFECT_HOME"], capture_output=True,
+                                   text=True, check=True).stdout.split()
+
+    assert inherited == [first_state.api_url, str(first.home / "prefect")]
