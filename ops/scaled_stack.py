@@ -138,28 +138,20 @@ class ScaledStack(LocalStack):
             "PREFECT_UI_URL": state.ui_url,
         }
 
-    def start(self) -> StackState:
-        if self.is_running():
-            return super().start()
-        self.stop()
-        self.home.mkdir(parents=True, exist_ok=True)
+    def _new_state(self) -> StackState:
         ports = {name: free_port() for name in ("database", "postgres", "redis", "load-balancer", *API_SERVERS)}
-        state = StackState(
+        return StackState(
             database_url=f"mongodb://{self.address}:{ports['database']}/?directConnection=true",
             api_url=f"http://{self.address}:{ports['load-balancer']}/api",
             ui_url=f"http://{self.address}:{ports['load-balancer']}",
             ports=ports, kind=self.kind,
         )
-        self._spawn_database(state)
+
+    def _start_prefect_backends(self, state: StackState) -> None:
+        """PostgreSQL and Redis, then Prefect's migrations, once."""
         self._start_postgres(state)
         self._start_redis(state)
         self._migrate(state)
-        self._spawn_server(state)
-        self._wait_for_database(state)
-        self._wait_for_server(state)
-        self.configure(state)
-        self.start_workers(state)
-        return state
 
     def _start_postgres(self, state: StackState) -> None:
         cluster = self.cluster

@@ -243,19 +243,27 @@ class LocalStack:
             return state
         self.stop()
         self.home.mkdir(parents=True, exist_ok=True)
-        database_port, api_port = free_port(), free_port()
-        state = StackState(
-            database_url=f"mongodb://127.0.0.1:{database_port}/?directConnection=true",
-            api_url=f"http://127.0.0.1:{api_port}/api",
-            ui_url=f"http://127.0.0.1:{api_port}",
-        )
+        state = self._new_state()
         self._spawn_database(state)
+        self._start_prefect_backends(state)
         self._spawn_server(state)
         self._wait_for_database(state)
         self._wait_for_server(state)
         self.configure(state)
         self.start_workers(state)
         return state
+
+    def _new_state(self) -> StackState:
+        """Where a new stack's services will listen: new free ports."""
+        database_port, api_port = free_port(), free_port()
+        return StackState(
+            database_url=f"mongodb://{self.address}:{database_port}/?directConnection=true",
+            api_url=f"http://{self.address}:{api_port}/api",
+            ui_url=f"http://{self.address}:{api_port}",
+        )
+
+    def _start_prefect_backends(self, state: StackState) -> None:
+        """What the Prefect server needs running before it starts: nothing for SQLite."""
 
     def _database_port(self, state: StackState) -> int:
         return urlsplit(state.database_url).port or 27017
