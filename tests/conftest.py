@@ -128,6 +128,18 @@ def read_logs(flow_run_id: UUID) -> list[Log]:
         return client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
 
 
+def logs_of_ended_run(flow_run_id: UUID, timeout: float = 30) -> list[Log]:
+    """Every log line of a flow run that has ended by itself. Its process sends its lines in batches, the
+    last ones after the run's final state: this waits for the engine's own last line, "Finished in state"."""
+
+    def with_last_line() -> list[Log]:
+        logs = read_logs(flow_run_id)
+        ended = any(log.task_run_id is None and log.message.startswith("Finished in state") for log in logs)
+        return logs if ended else []
+
+    return eventually(with_last_line, timeout=timeout)
+
+
 def read_flow_run(flow_run_id: UUID) -> FlowRun:
     with get_client(sync_client=True) as client:
         return client.read_flow_run(flow_run_id)

@@ -19,7 +19,7 @@ from flows.runtime.records import WorkerRecord
 from flows.submit import submit_job, submit_session
 from ops.pool_workers import FLOW_RUN_LABEL
 from ops.stack import LocalStack, StackState, process_alive
-from tests.conftest import BASE_IMAGE, containers_matching, eventually, finished, read_logs
+from tests.conftest import BASE_IMAGE, containers_matching, eventually, finished, logs_of_ended_run, read_logs
 from tests.platform import Platform
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
@@ -99,7 +99,7 @@ def test_docker_job_runs_in_the_worker_image_with_the_platform_layout(
     post = platform.manager.get_session_data(job_id=job_id, name="post")
     assert post["value"] == {"session_dir": "/session", "exists": True}
     assert result["uid"] != 0 and result["docker_socket"] is False
-    assert any(log.message == "inside the container" for log in read_logs(flow_run_id))
+    assert any(log.message == "inside the container" for log in logs_of_ended_run(flow_run_id))
     eventually(lambda: containers_of(docker_client, flow_run_id) == [], timeout=60)
 
 

@@ -30,7 +30,7 @@ from flows.runtime.names import JOB_FLOW, deployment
 from flows.runtime.variables import SERVICE_PREFIX
 from flows.submit import submit_job
 from ops.stack import StackState, process_alive
-from tests.conftest import SleeperRun, eventually, finished, read_flow_run, read_logs
+from tests.conftest import SleeperRun, eventually, finished, logs_of_ended_run, read_flow_run, read_logs
 from tests.platform import IDENTIFYING_METADATA, PATIENT_NAME, Platform, zip_files
 
 pytestmark = pytest.mark.integration
@@ -145,7 +145,7 @@ def test_pre_and_post_services_jobs_run_the_session_hooks_of_dcm_processor_servi
     _, post_run = run_job(post_job)
 
     assert pre_run.state.is_completed() and post_run.state.is_completed()
-    assert any("PRE SERVICES CALLED!" in log.message for log in read_logs(pre_run_id))
+    assert any("PRE SERVICES CALLED!" in log.message for log in logs_of_ended_run(pre_run_id))
     assert platform.job(pre_job)["done"] and platform.job(post_job)["done"]
     assert platform.manager.get_session(session_id) is None, "post-services cleans up the session"
 
@@ -293,7 +293,7 @@ def stored_by_prefect(flow_run_id: UUID) -> dict[str, Any]:
             "task_runs": [run.model_dump(mode="json") for run in client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), task_run_filter=TaskRunFilter()
             )],
-            "logs": [log.model_dump(mode="json") for log in read_logs(flow_run_id)],
+            "logs": [log.model_dump(mode="json") for log in logs_of_ended_run(flow_run_id)],
             "artifacts": [artifact.model_dump(mode="json") for artifact in client.read_artifacts(
                 artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
             )],

@@ -23,7 +23,7 @@ from flows.runtime.names import FRESH_ENGINE_VARIABLE, POOL_WORKER_VARIABLE, PRO
 from ops.doctor import Doctor
 from ops.pool_workers import ProcessPoolWorker
 from ops.stack import STOP_TIMEOUT_SECONDS, WORKER_STARTED, LocalStack, StackState
-from tests.conftest import eventually, finished, read_flow_run, read_logs
+from tests.conftest import eventually, finished, logs_of_ended_run, read_flow_run, read_logs
 from tests.platform import Platform
 
 POLL_SECONDS = 300
@@ -102,7 +102,8 @@ def test_a_process_worker_starts_a_new_run_long_before_its_next_poll(slow_pollin
     final = finished(flow_run.id)
 
     assert final.state.is_failed() and "no job with id 0123456789abcdef01234567" in final.state.message
-    assert not [log.message for log in read_logs(flow_run.id) if "instead" in log.message or "fresh" in log.message]
+    said = [log.message for log in logs_of_ended_run(flow_run.id)]
+    assert not [message for message in said if "instead" in message or "fresh" in message]
 
 
 @pytest.fixture
@@ -123,7 +124,7 @@ def test_a_run_of_prefects_stock_worker_says_which_worker_to_start_instead_and_d
         finding = Doctor(client).pool(pool, "the test's runs")
 
     assert final.state.is_failed() and "no job with id" in final.state.message
-    advice = [log.message for log in read_logs(flow_run.id) if "Prefect's stock worker" in log.message]
+    advice = [log.message for log in logs_of_ended_run(flow_run.id) if "Prefect's stock worker" in log.message]
     assert len(advice) == 1 and f"`prefect worker start --pool {pool} --type dcm-process`" in advice[0]
     assert finding.problem is not None and "Prefect's stock worker" in finding.problem
     assert f"--pool {pool} --type dcm-process" in finding.fix
@@ -142,7 +143,7 @@ def test_a_run_started_in_a_fresh_interpreter_says_why_and_how_to_start_the_warm
     flow_run = run_deployment(pool_without_warm_engine, parameters={"job_id": "0123456789abcdef01234567"}, timeout=0)
     finished(flow_run.id)
 
-    advice = [log.message for log in read_logs(flow_run.id) if "fresh interpreter" in log.message]
+    advice = [log.message for log in logs_of_ended_run(flow_run.id) if "fresh interpreter" in log.message]
     assert len(advice) == 1 and "the worker has no DCM_FLOWS_WARM_ENGINE" in advice[0]
     assert "python -m ops.warm_engine serve" in advice[0]
 
