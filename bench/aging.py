@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.components import database_of_its_own
-from bench.load import descendants, run_load, write_benchmarks
+from bench.load import descendants, in_session_target, run_load, write_benchmarks
 from bench.overhead import Bench, fresh_stack
 from ops.stack import FLOW_RUN_RETENTION_DAYS, LocalStack, StackState
 
@@ -138,8 +138,9 @@ def run_jobs(stack_state: StackState, jobs: int, folder: Path) -> tuple[int, int
     while done < jobs:
         with database_of_its_own("aging") as (database, name):
             (folder / name).mkdir()
-            report = run_load(database, name, stack_state.processes, SESSIONS_PER_ROUND, SERIES_PER_SESSION,
-                              folder / name)
+            marker = folder / name / "callbacks"
+            target = in_session_target(database, name, stack_state.processes, folder / name, marker)
+            report = run_load(target, SESSIONS_PER_ROUND, SERIES_PER_SESSION, marker)
         done += report.jobs
         not_done += report.jobs_not_done
         wrong += report.callbacks_run_twice + report.callbacks_missing

@@ -1,11 +1,18 @@
-"""Load: many patients' sessions at once on the embedded stack's one process worker.
+"""Load: many patients' sessions at once, on the embedded stack and on the scaled one.
 
-`make load` stores 5 patients of 50 one-image series each, lets the platform's scheduler make their
-sessions (each series gets one job of a trivial service, plus the pre- and post-services jobs), submits
-all sessions at the same moment and waits. It checks that every job record is done and that every
-callback ran exactly once (each appends its job id to a file), samples the memory of the worker and of
-the flow-run processes it started, and writes the figures into docs/benchmarks.md.
-`tests/test_faults.py` runs the same at a smaller size.
+`make load` stores patients of 50 one-image series each, lets the platform's scheduler make their sessions,
+submits all sessions at the same moment and waits, on two shapes:
+
+- the embedded stack: 5 patients, each series one job of a trivial service (no worker of its own), which
+  runs in its session's process on the stack's process worker;
+- the scaled stack (ops/scaled_stack.py): 10 patients of 25 series on two worker hosts (ops/network_hosts.py)
+  that both take sessions, each series one job of a venv component installed on host 1 and one of a venv
+  component installed on host 2, so every session's 50 jobs are spread over both hosts by their device ids.
+
+It checks that every job record is done and that every callback ran exactly once, and on its host (each
+appends its job id and its Python to a file), samples the memory of every service, worker and flow-run
+process, and writes the figures side by side into docs/benchmarks.md. `tests/test_faults.py` and
+`tests/test_network_hosts.py` run the same at a smaller size.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 
@@ -28,20 +35,24 @@ from blocks.database import DcmDatabase
 from blocks.host import home_folder
 from flows.runtime.components import Component, register_service
 from flows.runtime.platform_records import PlatformRecords
-from flows.submit import submit_session, wait_for_run
+from flows.runtime.wheelhouse import build_wheelhouse
+from flows.submit import submit_install, submit_session, wait_for_run
 from ops.demo import schedule_stable_patient, upload_example_patient
+from ops.network_hosts import WorkerHosts, worker_hosts
 from ops.stack import LocalStack
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 SAMPLE_SECONDS = 0.5
+SERVICE_NAME = "load-touch"
 
 TRIVIAL_SERVICE = '''
 import os
+import sys
 
 
 def touch(session_id, job_name, headers, params, added_params, **kwargs):
     with open(params["marker"], "a") as marker:
-        marker.write(os.environ["DCM-PROCESSOR-SERVICE-JOB-ID"] + "\\n")
+        marker.write(os.environ["DCM-PROCESSOR-SERVICE-JOB-ID"] + " " + sys.prefix + "\\n")
     return 1
 '''
 
@@ -53,19 +64,41 @@ class LoadReport:
     wall_seconds: float
     jobs_per_minute: float
     worker_peak_rss_mb: float
+    """The largest peak RSS of a process worker."""
     flow_runs_peak_pss_mb: float
     peak_flow_run_processes: int
     sessions_completed: int
     jobs_not_done: int
     callbacks_run_twice: int
     callbacks_missing: int
+    callbacks_on_another_host: int
+    services_peak_pss_mb: dict[str, float] = field(default_factory=dict)
+    """Each service's peak PSS, its own processes included (PostgreSQL's backends, say); a worker's or a warm
+    engine's flow runs are counted in `flow_runs_peak_pss_mb` instead."""
 
 
-def trivial_component(folder: Path, marker: Path) -> Component:
-    """A service whose one series job appends its job id to `marker`."""
-    return service_component(folder, "load-touch", TRIVIAL_SERVICE, [
-        {"jobName": "touch", "workerEntry": "touch", "events": ["stable-series"], "params": {"marker": str(marker)}},
-    ])
+@dataclass(frozen=True)
+class LoadTarget:
+    """What a load run submits to and watches: the platform database and its block, the services it samples
+    and the services whose jobs it counts."""
+
+    database: DcmDatabase
+    database_block: str
+    services: dict[str, int]
+    """Name to pid of each process sampled with the processes below it."""
+    run_starters: dict[str, int]
+    """Name to pid of each process worker and warm engine: the processes below them are flow runs."""
+    counted: dict[str, Path | None]
+    """Service name to the folder its callbacks' Python must be in (its host's environments), or None."""
+
+
+def trivial_component(folder: Path, marker: Path, name: str = SERVICE_NAME, venv: bool = False) -> Component:
+    """A service whose one series job (of the component's name) appends its job id and its Python's prefix to
+    `marker`; with `venv`, the job runs in a venv worker of its own."""
+    worker = {"settings.json": json.dumps({"name": name, "python_version": "3.11"}), "requirements.txt": ""}
+    return service_component(folder, name, TRIVIAL_SERVICE, [
+        {"jobName": name, "workerEntry": "touch", "events": ["stable-series"], "params": {"marker": str(marker)}},
+    ], worker=worker if venv else None, worker_type="venv")
 
 
 def _memory_mb(pid: int, file: str, field: str) -> float:
@@ -89,7 +122,7 @@ def _pss_mb(pid: int) -> float:
     return _memory_mb(pid, "smaps_rollup", "Pss")
 
 
-def descendants(pid: int) -> list[int]:
+def _children_by_parent() -> dict[int, list[int]]:
     parents: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -98,6 +131,11 @@ def descendants(pid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
             parents.setdefault(parent, []).append(int(entry.name))
+    return parents
+
+
+def descendants(pid: int, parents: dict[int, list[int]] | None = None) -> list[int]:
+    parents = _children_by_parent() if parents is None else parents
     found, frontier = [], [pid]
     while frontier:
         children = parents.get(frontier.pop(), [])
@@ -107,13 +145,15 @@ def descendants(pid: int) -> list[int]:
 
 
 class MemorySampler(threading.Thread):
-    """Samples the worker's RSS, and the summed PSS of the flow-run processes: those below the worker (the
-    job commands it starts) and below the warm engine (the runs it forks, and their callbacks)."""
+    """Samples each service's PSS (its process and those below it), each process worker's RSS, and the summed
+    PSS of the flow-run processes: those below a process worker (the job commands it starts) and below a warm
+    engine (the runs it forks, and their callbacks)."""
 
-    def __init__(self, worker_pid: int, warm_engine_pid: int) -> None:
+    def __init__(self, services: dict[str, int], run_starters: dict[str, int]) -> None:
         super().__init__(daemon=True)
-        self.worker_pid = worker_pid
-        self.warm_engine_pid = warm_engine_pid
+        self.services = services
+        self.run_starters = run_starters
+        self.services_peak = dict.fromkeys([*services, *run_starters], 0.0)
         self.worker_peak = 0.0
         self.flow_runs_peak = 0.0
         self.processes_peak = 0
@@ -121,33 +161,40 @@ class MemorySampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stopped.wait(SAMPLE_SECONDS):
-            children = descendants(self.worker_pid) + descendants(self.warm_engine_pid)
-            self.worker_peak = max(self.worker_peak, _rss_mb(self.worker_pid))
-            self.flow_runs_peak = max(self.flow_runs_peak, sum(_pss_mb(child) for child in children))
-            self.processes_peak = max(self.processes_peak, len(children))
+            parents = _children_by_parent()
+            for name, pid in self.services.items():
+                pss = sum(_pss_mb(process) for process in [pid, *descendants(pid, parents)])
+                self.services_peak[name] = max(self.services_peak[name], pss)
+            runs = [child for pid in self.run_starters.values() for child in descendants(pid, parents)]
+            for name, pid in self.run_starters.items():
+                self.services_peak[name] = max(self.services_peak[name], _pss_mb(pid))
+                if "worker" in name:
+                    self.worker_peak = max(self.worker_peak, _rss_mb(pid))
+            self.flow_runs_peak = max(self.flow_runs_peak, sum(_pss_mb(run) for run in runs))
+            self.processes_peak = max(self.processes_peak, len(runs))
 
 
-def run_load(database: DcmDatabase, database_block: str, processes: dict[str, int], sessions: int, series: int,
-             folder: Path, timeout_seconds: float = 3600) -> LoadReport:
+def run_load(target: LoadTarget, sessions: int, series: int, marker: Path, timeout_seconds: float = 3600
+             ) -> LoadReport:
     """Schedule `sessions` patients of `series` series each, run all their sessions at once, check them."""
+    database = target.database
     records = PlatformRecords(database.open())
-    marker = folder / "callbacks"
-    register_service(records, trivial_component(folder / "component", marker))
     session_ids = []
     for number in range(sessions):
         upload_example_patient(database, patient_id=f"LOAD-{number}", series=series, instances=1)
         session_ids.append(schedule_stable_patient(database, records))
-    job_ids = [job.id for session_id in session_ids for job in records.session_jobs(session_id)
-               if job.service_name == "load-touch"]
-    sampler = MemorySampler(processes["process-worker"], processes["warm-engine"])
+    counted = {job.id: target.counted[job.service_name] for session_id in session_ids
+               for job in records.session_jobs(session_id) if job.service_name in target.counted}
+    sampler = MemorySampler(target.services, target.run_starters)
     sampler.start()
     started = time.monotonic()
-    runs = [submit_session(session_id, database_block=database_block) for session_id in session_ids]
+    runs = [submit_session(session_id, database_block=target.database_block) for session_id in session_ids]
     finals = [wait_for_run(run_id, timeout_seconds=timeout_seconds, poll_seconds=1) for run_id in runs]
     wall = time.monotonic() - started
     sampler.stopped.set()
     sampler.join()
-    calls = Counter(marker.read_text().split()) if marker.exists() else Counter()
+    calls = [line.split(" ", 1) for line in marker.read_text().splitlines()] if marker.exists() else []
+    times = Counter(job_id for job_id, _ in calls)
     all_jobs = [job for session_id in session_ids for job in records.session_jobs(session_id)]
     return LoadReport(
         sessions=sessions,
@@ -159,31 +206,106 @@ def run_load(database: DcmDatabase, database_block: str, processes: dict[str, in
         peak_flow_run_processes=sampler.processes_peak,
         sessions_completed=sum(1 for run in finals if run.state is not None and run.state.is_completed()),
         jobs_not_done=sum(1 for job in all_jobs if not job.done),
-        callbacks_run_twice=sum(1 for count in calls.values() if count > 1),
-        callbacks_missing=sum(1 for job_id in job_ids if job_id not in calls),
+        callbacks_run_twice=sum(1 for count in times.values() if count > 1),
+        callbacks_missing=sum(1 for job_id in counted if job_id not in times),
+        callbacks_on_another_host=sum(
+            1 for job_id, prefix in calls
+            if (home := counted.get(job_id)) is not None and not Path(prefix).is_relative_to(home)
+        ),
+        services_peak_pss_mb={name: round(peak, 1) for name, peak in sampler.services_peak.items()},
     )
 
 
-def markdown(report: LoadReport, series: int) -> str:
-    rows = [
-        ("sessions submitted at once", report.sessions),
-        ("series per patient (one trivial job each)", series),
-        ("job records (with pre- and post-services)", report.jobs),
-        ("sessions completed", report.sessions_completed),
-        ("jobs not done / callbacks run twice / missing",
-         f"{report.jobs_not_done} / {report.callbacks_run_twice} / {report.callbacks_missing}"),
-        ("wall time", f"{report.wall_seconds} s"),
-        ("throughput", f"{report.jobs_per_minute} jobs/min"),
-        ("process worker, peak RSS", f"{report.worker_peak_rss_mb} MB"),
-        ("flow-run processes (job commands, runs, callbacks), peak summed PSS", f"{report.flow_runs_peak_pss_mb} MB"),
-        ("processes below the worker at once, peak", report.peak_flow_run_processes),
+RUN_STARTERS = ("process-worker", "docker-worker", "warm-engine")
+
+
+def _target(database: DcmDatabase, database_block: str, processes: dict[str, int],
+            counted: dict[str, Path | None]) -> LoadTarget:
+    return LoadTarget(
+        database, database_block,
+        services={name: pid for name, pid in processes.items() if not name.endswith(RUN_STARTERS)},
+        run_starters={name: pid for name, pid in processes.items() if name.endswith(RUN_STARTERS)},
+        counted=counted,
+    )
+
+
+def in_session_target(database: DcmDatabase, database_block: str, processes: dict[str, int], folder: Path,
+                      marker: Path) -> LoadTarget:
+    """`processes` (a stack's, and its hosts'), with the trivial service registered in `database`: it has no
+    worker, so its jobs run in their sessions' processes."""
+    register_service(PlatformRecords(database.open()), trivial_component(folder / "component", marker))
+    return _target(database, database_block, processes, {SERVICE_NAME: None})
+
+
+def hosts_processes(scaled: WorkerHosts) -> dict[str, int]:
+    """The scaled stack's processes and its hosts' (named `<host> <process>`)."""
+    return {**scaled.state.processes, **{f"{host.name} {name}": process.pid for host in scaled.hosts
+                                         for name, process in host.processes.items()}}
+
+
+def routed_target(scaled: WorkerHosts, database: DcmDatabase, database_block: str, folder: Path,
+                  marker: Path) -> LoadTarget:
+    """The scaled stack's and its hosts' processes, with a venv component of the trivial service installed on
+    each host (by the install deployment on the work queue of the host's device id): each series then has one
+    job on each host."""
+    counted: dict[str, Path | None] = {}
+    for host, device_id in zip(scaled.hosts, scaled.device_ids, strict=True):
+        name = f"{SERVICE_NAME}-{host.number}"
+        trivial_component(folder / name, marker, name, venv=True)
+        installed = wait_for_run(submit_install(str(folder / name), database_block=database_block,
+                                                work_queue_name=device_id), timeout_seconds=600)
+        if installed.state is None or not installed.state.is_completed():
+            raise RuntimeError(f"installing {name} on {host.name} ended {installed.state}")
+        counted[name] = host.home
+    return _target(database, database_block, hosts_processes(scaled), counted)
+
+
+@dataclass(frozen=True)
+class LoadRun:
+    """One shape's load run, as a column of the table."""
+
+    title: str
+    series_jobs: str
+    report: LoadReport
+
+
+def _megabytes(report: LoadReport, name: str) -> str:
+    return f"{report.services_peak_pss_mb[name]} MB" if name in report.services_peak_pss_mb else ""
+
+
+def markdown(runs: list[LoadRun]) -> str:
+    reports = [run.report for run in runs]
+    rows: list[tuple[str, list[object]]] = [
+        ("sessions submitted at once", [report.sessions for report in reports]),
+        ("jobs of a series", [run.series_jobs for run in runs]),
+        ("job records (with pre- and post-services)", [report.jobs for report in reports]),
+        ("sessions completed", [report.sessions_completed for report in reports]),
+        ("jobs not done / callbacks run twice / missing / on another host", [
+            f"{report.jobs_not_done} / {report.callbacks_run_twice} / {report.callbacks_missing} / "
+            f"{report.callbacks_on_another_host}" for report in reports]),
+        ("wall time", [f"{report.wall_seconds} s" for report in reports]),
+        ("throughput", [f"{report.jobs_per_minute} jobs/min" for report in reports]),
+        ("process worker, peak RSS (the largest of them)", [f"{report.worker_peak_rss_mb} MB" for report in reports]),
+        ("flow-run processes (job commands, runs, callbacks), peak summed PSS",
+         [f"{report.flow_runs_peak_pss_mb} MB" for report in reports]),
+        ("flow-run processes at once, peak", [report.peak_flow_run_processes for report in reports]),
     ]
-    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    services = dict.fromkeys(name for report in reports for name in report.services_peak_pss_mb)
+    rows += [(f"`{name}`, peak PSS", [_megabytes(report, name) for report in reports]) for name in services]
+    table = "\n".join(f"| {name} | {' | '.join(str(value) for value in values)} |" for name, values in rows)
+    header = f"| | {' | '.join(run.title for run in runs)} |\n|---|{'---|' * len(runs)}"
     return (
-        "<!-- load -->\n## Load: concurrent sessions on one process worker\n\n"
-        "`make load` (bench/load.py) on this 2-core machine, embedded stack (SecantusDB, Prefect server on "
-        "SQLite), at most 3 sessions at once (their queue's limit), `max_parallel_jobs` 4 per session, jobs in "
-        "the session's process:\n\n| | |\n|---|---|\n" + table + "\n<!-- /load -->"
+        "<!-- load -->\n## Load: concurrent sessions, embedded and scaled\n\n"
+        "`make load` (bench/load.py) on this 2-core machine; every service, host and flow run shares its two "
+        "cores. At most 3 sessions at once (their queue's limit), `max_parallel_jobs` 4 per session. Embedded: "
+        "SecantusDB, Prefect server on SQLite, one process worker. Scaled (ops/scaled_stack.py): PostgreSQL, "
+        "Redis, two API servers behind haproxy, Prefect's services apart, SecantusDB, and two worker hosts "
+        "(network namespaces, ops/network_hosts.py) that both take sessions. A job \"in its session\" is a "
+        "service's without a worker: it runs in its session's process. Over two hosts, each series has one job "
+        "of a venv component installed on each host, which runs there as a deployment run on the work queue of "
+        "the host's device id. Peak PSS counts a service's processes together (PostgreSQL's backends, say); a "
+        "worker's or warm engine's flow runs are counted in the flow-run row.\n\n"
+        + header + "\n" + table + "\n<!-- /load -->"
     )
 
 
@@ -207,11 +329,8 @@ def write_benchmarks(section: str, marker: str) -> None:
     BENCHMARKS.write_text(text + ("" if text.endswith("\n") else "\n"))
 
 
-def main(argv: list[str] | None = None) -> int:
-    arguments = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    arguments.add_argument("--sessions", type=int, default=5)
-    arguments.add_argument("--series", type=int, default=50)
-    options = arguments.parse_args(argv)
+def embedded_load(sessions: int, series: int) -> LoadReport:
+    """The load on the embedded stack of this machine's home (started if it is not running)."""
     stack = LocalStack(home_folder())
     state = stack.start()
     with (
@@ -219,12 +338,58 @@ def main(argv: list[str] | None = None) -> int:
         tempfile.TemporaryDirectory() as folder,
         database_of_its_own("load") as (database, name),
     ):
-        report = run_load(database, name, state.processes, options.sessions, options.series, Path(folder))
-    print(json.dumps(asdict(report), indent=2))
-    write_benchmarks(markdown(report, options.series), "load")
-    print(f"written to {BENCHMARKS}")
-    healthy = report.jobs_not_done == report.callbacks_run_twice == report.callbacks_missing == 0
-    return 0 if healthy and report.sessions_completed == report.sessions else 1
+        marker = Path(folder) / "callbacks"
+        return run_load(in_session_target(database, name, state.processes, Path(folder), marker),
+                        sessions, series, marker)
+
+
+def scaled_loads(in_session_sessions: int, routed_sessions: int, series: int) -> tuple[LoadReport, LoadReport]:
+    """On a scaled stack and two worker hosts of its own (removed afterwards), both taking sessions: the
+    embedded shape's load (jobs in their sessions' processes), then `routed_sessions` patients whose series
+    each have one job on each host (`series` jobs per session in all)."""
+    wheelhouse = build_wheelhouse(Path(__file__).resolve().parents[1] / ".dcm-flows" / "wheelhouse")
+    with tempfile.TemporaryDirectory() as folder, worker_hosts(Path(folder) / "scaled", wheelhouse) as scaled:
+        with database_of_its_own("load") as (database, name):
+            marker = Path(folder) / "in-session"
+            target = in_session_target(database, name, hosts_processes(scaled), Path(folder), marker)
+            in_session = run_load(target, in_session_sessions, series, marker)
+        print(json.dumps(asdict(in_session), indent=2), flush=True)
+        with database_of_its_own("load") as (database, name):
+            marker = Path(folder) / "routed"
+            target = routed_target(scaled, database, name, Path(folder), marker)
+            return in_session, run_load(target, routed_sessions, series // 2, marker)
+
+
+def healthy(report: LoadReport) -> bool:
+    lost_or_twice = (report.jobs_not_done, report.callbacks_run_twice, report.callbacks_missing,
+                     report.callbacks_on_another_host)
+    return lost_or_twice == (0, 0, 0, 0) and report.sessions_completed == report.sessions
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    arguments.add_argument("--sessions", type=int, default=5, help="patients whose jobs run in their sessions")
+    arguments.add_argument("--routed-sessions", type=int, default=10,
+                           help="patients on the scaled stack whose jobs are spread over its two hosts")
+    arguments.add_argument("--series", type=int, default=50, help="jobs of a session (not counting pre and post)")
+    arguments.add_argument("--shape", choices=["both", "embedded", "scaled"], default="both",
+                           help="only one stack: its figures are printed, docs/benchmarks.md is left as it is")
+    options = arguments.parse_args(argv)
+    shape = f"{options.sessions} x {options.series}"
+    runs = []
+    if options.shape in ("both", "embedded"):
+        runs.append(LoadRun(f"embedded, {shape}", "1, in its session", embedded_load(options.sessions, options.series)))
+        print(json.dumps(asdict(runs[-1].report), indent=2), flush=True)
+    if options.shape in ("both", "scaled"):
+        in_session, routed = scaled_loads(options.sessions, options.routed_sessions, options.series)
+        runs += [LoadRun(f"scaled, {shape}", "1, in its session", in_session),
+                 LoadRun(f"scaled, {options.routed_sessions} x {options.series} over two hosts",
+                         "2, one on each host", routed)]
+        print(json.dumps(asdict(routed), indent=2), flush=True)
+    if options.shape == "both":
+        write_benchmarks(markdown(runs), "load")
+        print(f"written to {BENCHMARKS}")
+    return 0 if all(healthy(run.report) for run in runs) else 1
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ from flows.runtime.wheelhouse import build_wheelhouse
 from flows.session import DEFAULT_MAX_PARALLEL_JOBS
 from flows.submit import submit_job, wait_for_run
 from ops.demo import schedule_stable_patient, upload_example_patient
+from ops.scaled_stack import ScaledStack
 from ops.stack import LocalStack, StackState, docker_engine_answers
 
 STOCK_DEPLOYMENT = "bench-one-task/stock"
@@ -247,7 +248,7 @@ def deploy_stock_flow() -> None:
     )
 
 
-def measure(bench: Bench, repeats: int, baseline_repeats: int, session_sizes: list[int]) -> str:
+def measure(bench: Bench, repeats: int, baseline_repeats: int, session_sizes: list[int], scaled: bool = False) -> str:
     """Run every measurement; return the markdown section."""
     raw = repeat("callback as a raw subprocess", repeats * 2, bench.raw_callback)
     job_samples, stock = [], Figure("trigger to task start, stock one-task flow, Prefect's process worker")
@@ -271,7 +272,7 @@ def measure(bench: Bench, repeats: int, baseline_repeats: int, session_sizes: li
             f"| trigger to callback start, `submit_job`, this project's process worker against Prefect's | "
             f"{start.median / polled_start.median:.2f}x | | | {repeats} pairs | |"]
     sessions: list[str] = []
-    sampler = MemorySampler(bench.state.processes["process-worker"], bench.state.processes["warm-engine"])
+    sampler = MemorySampler({}, {name: bench.state.processes[name] for name in ("process-worker", "warm-engine")})
     sampler.start()
     for size in session_sizes:
         series = (size - 2) // 2
@@ -300,10 +301,12 @@ def measure(bench: Bench, repeats: int, baseline_repeats: int, session_sizes: li
                        "time, per job", [(sample.run_seconds - sample.callbacks_sum) / session_sizes[0]
                                          for sample in alone]).row())
     header = "| | median s | min s | max s | runs | against |\n|---|---|---|---|---|---|\n"
+    marker = "overhead-scaled" if scaled else "overhead"
+    where = SCALED_STACK if scaled else EMBEDDED_STACK
     return (
-        "<!-- overhead -->\n## Per-job overhead (`make bench`)\n\n"
-        "bench/overhead.py on the embedded stack (SecantusDB, Prefect server on SQLite, one process worker), "
-        "a trivial callback (it appends one line to a file). Ratios are against the raw subprocess, or for "
+        f"<!-- {marker} -->\n## Per-job overhead{' on the scaled stack' if scaled else ''} (`make bench`)\n\n"
+        f"bench/overhead.py on {where}, a trivial callback (it appends one line to a file). Ratios are against "
+        "the raw subprocess, or for "
         "trigger-to-start against the stock one-task flow, measured in the same run.\n\n"
         + header + "\n".join(rows) + "\n\nWhole sessions of the platform's scheduler: pre-services, then per "
         "series one job and a second that depends on it, then post-services. The critical path and the sum "
@@ -312,8 +315,13 @@ def measure(bench: Bench, repeats: int, baseline_repeats: int, session_sizes: li
         + f"\n\nMemory during the sessions: process worker peak {sampler.worker_peak:.0f} MB RSS, flow-run processes "
         f"(job commands, runs forked by the warm engine, callbacks) peak {sampler.flow_runs_peak:.0f} MB PSS summed, "
         f"{sampler.processes_peak} processes at most.\n"
-        "<!-- /overhead -->"
+        f"<!-- /{marker} -->"
     )
+
+
+EMBEDDED_STACK = "the embedded stack (SecantusDB, Prefect server on SQLite, one process worker)"
+SCALED_STACK = ("the scaled stack (`bench/overhead.py --scaled`; ops/scaled_stack.py: PostgreSQL, Redis, two API "
+                "servers behind haproxy, Prefect's services apart, SecantusDB, one process worker)")
 
 
 INSTALL_PACKAGES = ["dcm-processor-service", "nibabel", "dcm2niix"]
@@ -375,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     arguments.add_argument("--parts", nargs="*", choices=["jobs", "install", "docker", "operator"],
                            default=["jobs", "install", "docker", "operator"])
     arguments.add_argument("--no-write", action="store_true", help="print the tables only")
+    arguments.add_argument("--scaled", action="store_true",
+                           help="the jobs part on the scaled stack instead (its own section of docs/benchmarks.md)")
     options = arguments.parse_args(argv)
     sections = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -382,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
             wheelhouse = build_wheelhouse(home_folder() / "wheelhouse")
             sections["install"] = measure_installs(wheelhouse, Path(folder), options.repeats)
         if "jobs" in options.parts:
-            sections["overhead"] = measure_jobs(options, Path(folder))
+            marker = "overhead-scaled" if options.scaled else "overhead"
+            sections[marker] = measure_jobs(options, Path(folder))
         if "operator" in options.parts:
             with fresh_stack(Path(folder) / "operator-stack"):
                 sections["operator"] = measure_operator_views(options.repeats)
@@ -399,25 +410,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextmanager
-def fresh_stack(home: Path) -> Iterator[tuple[LocalStack, StackState]]:
-    """An embedded stack of its own in the new folder `home`, stopped afterwards: the figures must not depend
-    on the runs an earlier bench (or demo) left in the Prefect server's database, nor on work it still does."""
-    stack = LocalStack(home)
+def fresh_stack(home: Path, scaled: bool = False) -> Iterator[tuple[LocalStack, StackState]]:
+    """An embedded (or scaled) stack of its own in the new folder `home`, stopped afterwards: the figures must
+    not depend on the runs an earlier bench (or demo) left in the Prefect server's database, nor on work it
+    still does."""
+    stack = ScaledStack(home) if scaled else LocalStack(home)
     try:
         state = stack.start()
         with stack.connected(state):
             yield stack, state
     finally:
-        stack.stop()
+        stack.purge() if isinstance(stack, ScaledStack) else stack.stop()
 
 
 def measure_jobs(options: argparse.Namespace, folder: Path) -> str:
     """The job, trigger and session figures, on the embedded stack and a database of the bench's own."""
-    with fresh_stack(folder / "jobs-stack") as (stack, state):
+    with fresh_stack(folder / "jobs-stack", options.scaled) as (stack, state):
         deploy_stock_flow()
         with database_of_its_own("bench") as (database, name):
             bench = Bench(database, name, folder, stack, state)
-            return measure(bench, options.repeats, options.baseline_repeats, options.sessions)
+            return measure(bench, options.repeats, options.baseline_repeats, options.sessions, options.scaled)
 
 
 def measure_docker_jobs(repeats: int, folder: Path) -> str:

@@ -16,6 +16,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +25,14 @@ from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectAlreadyExists
 
 from blocks.host import HOME_VARIABLE
-from flows.runtime.names import PROCESS_POOL, PROCESS_POOL_WORKER_TYPE, WARM_ENGINE_SOCKET_VARIABLE
+from flows.runtime.names import (
+    DEFAULT_QUEUE,
+    PROCESS_POOL,
+    PROCESS_POOL_WORKER_TYPE,
+    SESSION_QUEUE,
+    WARM_ENGINE_SOCKET_VARIABLE,
+)
+from ops.scaled_stack import ScaledStack
 from ops.stack import WORKER_STARTED, LocalStack, StackState, _executable, _socket_answers, _wait
 
 BRIDGE = "dcm-flows0"
@@ -151,3 +160,41 @@ class NetworkHost:
         self.kill_everything()
         _ip("netns", "del", self.name, check=False)
         _ip("link", "del", self.name, check=False)
+
+
+@dataclass
+class WorkerHosts:
+    """A scaled stack and its worker hosts, with each host's device id."""
+
+    stack: ScaledStack
+    state: StackState
+    hosts: list[NetworkHost]
+    device_ids: list[str]
+
+
+@contextmanager
+def worker_hosts(home: Path, wheelhouse: Path, sessions_on: tuple[int, ...] = (1, 2)) -> Iterator[WorkerHosts]:
+    """The scaled stack on a bridge's address and two worker hosts on the bridge, connected; hosts numbered in
+    `sessions_on` also take sessions (and the `default` queue). The stack's own process worker is stopped,
+    so every process run is on a host. Everything is removed afterwards, however the block ends."""
+    bridge = Bridge()
+    stack = ScaledStack(home / "stack", address=BRIDGE_ADDRESS)
+    hosts = [NetworkHost(number, home / f"host-{number}", {"DCM_FLOWS_WHEELHOUSE": str(wheelhouse)})
+             for number in (1, 2)]
+    try:
+        bridge.create()
+        state = stack.start()
+        with stack.connected(state):
+            stack.stop_process_worker(state)
+            device_ids = []
+            for host in hosts:
+                host.create()
+                takes_sessions = host.number in sessions_on
+                device_ids.append(host.start_workers(
+                    stack, state, other_queues=(SESSION_QUEUE, DEFAULT_QUEUE) if takes_sessions else ()))
+            yield WorkerHosts(stack, state, hosts, device_ids)
+    finally:
+        for host in hosts:
+            host.remove()
+        stack.purge()
+        bridge.remove()

@@ -27,7 +27,7 @@ from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCol
 from prefect.client.schemas.objects import FlowRun
 from prefect.states import Cancelling, Scheduled
 
-from bench.load import run_load
+from bench.load import in_session_target, run_load
 from flows.runtime.variables import MISSED_HEARTBEATS_SECONDS
 from flows.submit import submit_job, submit_session
 from ops.stack import LocalStack, StackState, process_alive
@@ -36,8 +36,8 @@ from tests.conftest import (
     database_away,
     eventually,
     finished,
+    logs_of_ended_run,
     read_flow_run,
-    read_logs,
     running_callback,
     separate_database,
 )
@@ -495,7 +495,7 @@ def test_a_database_outage_that_outlasts_the_retries_crashes_the_run_and_its_ret
     assert not (tmp_path / "callback.pid").exists(), "the retry called the callback again"
     record = platform.job(job_id)
     assert record["done"] is True and record["error"] is False and record["result"] == "slept"
-    assert any("the callback is not called again" in log.message for log in read_logs(retry.id))
+    assert any("the callback is not called again" in log.message for log in logs_of_ended_run(retry.id))
 
 
 def test_a_prefect_server_restart_in_the_middle_of_a_session_loses_no_job_and_runs_none_twice(
@@ -527,8 +527,9 @@ def test_concurrent_sessions_finish_every_job_exactly_once_with_bounded_worker_m
     stack: StackState, database, tmp_path: Path
 ) -> None:
     with separate_database(database, "load") as (name, own):
-        report = run_load(own, name, stack.processes, sessions=2, series=5, folder=tmp_path,
-                          timeout_seconds=600)
+        marker = tmp_path / "callbacks"
+        report = run_load(in_session_target(own, name, stack.processes, tmp_path, marker), sessions=2, series=5,
+                          marker=marker, timeout_seconds=600)
 
     assert report.sessions_completed == 2
     assert report.jobs == 2 * (5 + 2)

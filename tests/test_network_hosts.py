@@ -7,7 +7,6 @@ import json
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -20,14 +19,12 @@ from prefect.logging.handlers import APILogWorker
 from prefect.states import Scheduled
 
 from bench.components import database_of_its_own, service_component
+from bench.load import routed_target, run_load
 from blocks.database import DcmDatabase
-from flows.runtime.names import SESSION_QUEUE
 from flows.runtime.platform_records import PlatformRecords
 from flows.submit import submit_install, submit_session, wait_for_run
 from ops.demo import schedule_stable_patient, upload_example_patient
-from ops.network_hosts import BRIDGE_ADDRESS, Bridge, NetworkHost
-from ops.scaled_stack import ScaledStack
-from ops.stack import StackState
+from ops.network_hosts import BRIDGE_ADDRESS, WorkerHosts, worker_hosts
 from tests.conftest import eventually, read_flow_run, read_logs
 
 pytestmark = [pytest.mark.integration, pytest.mark.scaled]
@@ -53,41 +50,14 @@ HOLD = Path(tempfile.gettempdir()) / "dcm-flows-test-hold-"
 say they started, in a file of that name and `.started`)."""
 
 
-@dataclass
-class Hosts:
-    stack: ScaledStack
-    state: StackState
-    hosts: list[NetworkHost]
-    device_ids: list[str]
-
-
 @pytest.fixture(scope="module")
-def hosts(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Iterator[Hosts]:
+def hosts(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Iterator[WorkerHosts]:
     """The scaled stack on a bridge's address, and two worker hosts on the bridge: host 1 also runs the
     sessions; the stack's own process worker is stopped, so every process run is on one of the hosts."""
-    home = tmp_path_factory.mktemp("hosts")
-    bridge = Bridge()
-    stack = ScaledStack(home / "stack", address=BRIDGE_ADDRESS)
-    hosts = [NetworkHost(number, home / f"host-{number}", {"DCM_FLOWS_WHEELHOUSE": str(wheelhouse)})
-             for number in (1, 2)]
-    try:
-        bridge.create()
-        state = stack.start()
-        with stack.connected(state):
-            stack.stop_process_worker(state)
-            device_ids = []
-            for host in hosts:
-                host.create()
-                device_ids.append(host.start_workers(
-                    stack, state, other_queues=(SESSION_QUEUE, "default") if host.number == 1 else ()))
-            yield Hosts(stack, state, hosts, device_ids)
-            APILogWorker.drain_all()
-            EventsWorker.drain_all()
-    finally:
-        for host in hosts:
-            host.remove()
-        stack.purge()
-        bridge.remove()
+    with worker_hosts(tmp_path_factory.mktemp("hosts"), wheelhouse, sessions_on=(1,)) as made:
+        yield made
+        APILogWorker.drain_all()
+        EventsWorker.drain_all()
 
 
 def venv_component(folder: Path, name: str) -> Path:
@@ -105,7 +75,7 @@ Installed = tuple[DcmDatabase, str, dict[str, str]]
 
 
 @pytest.fixture(scope="module")
-def installed(hosts: Hosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
+def installed(hosts: WorkerHosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     """A platform database of its own with one venv component installed on each host; the job names of the
     components, each with the address of the host that holds it."""
     folder = tmp_path_factory.mktemp("components")
@@ -128,7 +98,7 @@ def answers(database: DcmDatabase, session_id: str) -> dict[str, str]:
 
 
 def test_each_job_runs_on_the_host_its_component_was_installed_on(
-    hosts: Hosts, installed: Installed
+    hosts: WorkerHosts, installed: Installed
 ) -> None:
     database, block, where = installed
     assert len(set(hosts.device_ids)) == 2, "the hosts answered the same device id"
@@ -143,7 +113,7 @@ def test_each_job_runs_on_the_host_its_component_was_installed_on(
 
 
 def test_a_job_for_a_host_whose_worker_is_down_waits_visibly_and_runs_when_it_is_back(
-    hosts: Hosts, installed: Installed
+    hosts: WorkerHosts, installed: Installed
 ) -> None:
     database, block, where = installed
     host = hosts.hosts[1]
@@ -173,7 +143,7 @@ def ready_session(database: DcmDatabase) -> str:
 
 
 def test_a_host_killed_in_the_middle_of_a_job_fails_only_that_job_and_a_retry_after_it_is_back_finishes(
-    hosts: Hosts, installed: Installed
+    hosts: WorkerHosts, installed: Installed
 ) -> None:
     database, block, where = installed
     host = hosts.hosts[1]
@@ -205,3 +175,20 @@ def test_a_host_killed_in_the_middle_of_a_job_fails_only_that_job_and_a_retry_af
 
 def jobs_of(database: DcmDatabase, session_id: str) -> list[dict[str, Any]]:
     return list(database.open().db.get_db()["jobs"].find({"sessionId": session_id}))
+
+
+def test_sessions_submitted_at_once_run_every_job_once_on_the_host_that_holds_its_component(
+    hosts: WorkerHosts, tmp_path: Path
+) -> None:
+    with database_of_its_own("hosts-load") as (database, block):
+        marker = tmp_path / "callbacks"
+        target = routed_target(hosts, database, block, tmp_path, marker)
+        report = run_load(target, sessions=3, series=4, marker=marker, timeout_seconds=600)
+
+    assert report.sessions_completed == 3
+    assert report.jobs == 3 * (4 * 2 + 2), "each series has one job on each host, each session a pre and a post"
+    assert (report.jobs_not_done, report.callbacks_run_twice, report.callbacks_missing,
+            report.callbacks_on_another_host) == (0, 0, 0, 0)
+    for host in hosts.hosts:
+        assert report.services_peak_pss_mb[f"{host.name} process-worker"] > 0
+    assert report.services_peak_pss_mb["postgres"] > 0 and report.services_peak_pss_mb["redis"] > 0
