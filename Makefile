@@ -30,8 +30,11 @@ screenshots: install
 	command -v chromium >/dev/null || apt-get install -y chromium
 	$(BIN)/python docs/screenshots.py
 
-# 5 patients of 50 series, all sessions at once on the embedded stack; figures into docs/benchmarks.md.
+# 5 patients of 50 series, all sessions at once, on the embedded stack and on a scaled one (PostgreSQL, Redis, two
+# API servers; as root: two worker hosts in network namespaces), then 10 patients whose jobs are spread over both
+# hosts; figures into docs/benchmarks.md.
 load: install
+	bash .ci/scaled-services.sh
 	$(BIN)/python -m bench.load
 
 # Per-job overhead, trigger to start, session makespans, venv installs (pip, uv), side by side with their baselines;

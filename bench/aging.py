@@ -25,7 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.components import database_of_its_own
-from bench.load import descendants, in_session_target, run_load, write_benchmarks
+from bench.load import (
+    cpu_seconds,
+    descendants,
+    in_session_target,
+    machine_busy_seconds,
+    run_load,
+    write_benchmarks,
+)
 from bench.overhead import Bench, fresh_stack
 from ops.stack import FLOW_RUN_RETENTION_DAYS, LocalStack, StackState
 
@@ -89,23 +96,12 @@ def size_of(database: Path) -> Size:
     return Size(file_mb=files / 1e6, used_mb=(pages - free) * page_size / 1e6, rows=rows)
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _machine_busy_seconds() -> float:
-    """CPU seconds all cores have spent busy since boot (/proc/stat: everything but idle and iowait)."""
-    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
 def cpu_at_rest(state: StackState, seconds: float = REST_SECONDS) -> dict[str, float]:
     """Each service's share of one core (with the processes it started) while nothing is submitted, and the
     whole machine's, which counts whatever else runs on it."""
     def totals() -> dict[str, float]:
-        return {"machine": _machine_busy_seconds(), **{
-            name: sum(_cpu_seconds(pid) for pid in [root, *descendants(root)] if Path(f"/proc/{pid}").exists())
+        return {"machine": machine_busy_seconds(), **{
+            name: sum(cpu_seconds(pid, with_reaped_children=False) for pid in [root, *descendants(root)])
             for name, root in state.processes.items()}}
 
     before = totals()

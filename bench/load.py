@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -44,6 +45,8 @@ from ops.stack import LocalStack
 BENCHMARKS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 SAMPLE_SECONDS = 0.5
 SERVICE_NAME = "load-touch"
+FLOW_RUNS = "flow runs (sessions, jobs, callbacks)"
+MACHINE = "the whole machine"
 
 TRIVIAL_SERVICE = '''
 import os
@@ -75,6 +78,9 @@ class LoadReport:
     services_peak_pss_mb: dict[str, float] = field(default_factory=dict)
     """Each service's peak PSS, its own processes included (PostgreSQL's backends, say); a worker's or a warm
     engine's flow runs are counted in `flow_runs_peak_pss_mb` instead."""
+    cpu_ms_per_job: dict[str, float] = field(default_factory=dict)
+    """CPU each service (counted as its memory is), the flow runs and the whole machine spent during the run,
+    divided by the job records: what each job costs where."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,37 @@ def _pss_mb(pid: int) -> float:
     """Resident memory with each shared page divided among the processes sharing it: runs forked from the
     warm engine share most of theirs, which a sum of RSS would count once per run."""
     return _memory_mb(pid, "smaps_rollup", "Pss")
+
+
+def cpu_seconds(pid: int, with_reaped_children: bool = True) -> float:
+    """User and system time of the process, and of its children that ended and were waited for."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = sum(int(value) for value in fields[11:15 if with_reaped_children else 13])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores have spent busy since boot (/proc/stat: everything but idle and iowait)."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_totals(services: dict[str, int], run_starters: dict[str, int]) -> dict[str, float]:
+    """CPU seconds spent so far by each service with the processes below it, by each worker and warm engine
+    alone, by the flow runs below those, and by the machine."""
+    parents = _children_by_parent()
+
+    def tree(pid: int) -> float:
+        return sum(cpu_seconds(process) for process in [pid, *descendants(pid, parents)])
+
+    totals = {name: tree(pid) for name, pid in services.items()}
+    totals |= {name: cpu_seconds(pid, with_reaped_children=False) for name, pid in run_starters.items()}
+    totals[FLOW_RUNS] = sum(tree(pid) - totals[name] for name, pid in run_starters.items())
+    totals[MACHINE] = machine_busy_seconds()
+    return totals
 
 
 def _children_by_parent() -> dict[int, list[int]]:
@@ -187,10 +224,12 @@ def run_load(target: LoadTarget, sessions: int, series: int, marker: Path, timeo
                for job in records.session_jobs(session_id) if job.service_name in target.counted}
     sampler = MemorySampler(target.services, target.run_starters)
     sampler.start()
+    cpu_before = cpu_totals(target.services, target.run_starters)
     started = time.monotonic()
     runs = [submit_session(session_id, database_block=target.database_block) for session_id in session_ids]
     finals = [wait_for_run(run_id, timeout_seconds=timeout_seconds, poll_seconds=1) for run_id in runs]
     wall = time.monotonic() - started
+    cpu_after = cpu_totals(target.services, target.run_starters)
     sampler.stopped.set()
     sampler.join()
     calls = [line.split(" ", 1) for line in marker.read_text().splitlines()] if marker.exists() else []
@@ -213,6 +252,8 @@ def run_load(target: LoadTarget, sessions: int, series: int, marker: Path, timeo
             if (home := counted.get(job_id)) is not None and not Path(prefix).is_relative_to(home)
         ),
         services_peak_pss_mb={name: round(peak, 1) for name, peak in sampler.services_peak.items()},
+        cpu_ms_per_job={name: round((cpu_after[name] - cpu_before[name]) / len(all_jobs) * 1000, 1)
+                        for name in cpu_after},
     )
 
 
@@ -269,8 +310,10 @@ class LoadRun:
     report: LoadReport
 
 
-def _megabytes(report: LoadReport, name: str) -> str:
-    return f"{report.services_peak_pss_mb[name]} MB" if name in report.services_peak_pss_mb else ""
+def _memory_and_cpu(report: LoadReport, name: str) -> str:
+    memory = f"{report.services_peak_pss_mb[name]} MB" if name in report.services_peak_pss_mb else ""
+    cpu = f"{report.cpu_ms_per_job[name]:.0f} ms" if name in report.cpu_ms_per_job else ""
+    return ", ".join(part for part in (memory, cpu) if part)
 
 
 def markdown(runs: list[LoadRun]) -> str:
@@ -290,8 +333,12 @@ def markdown(runs: list[LoadRun]) -> str:
          [f"{report.flow_runs_peak_pss_mb} MB" for report in reports]),
         ("flow-run processes at once, peak", [report.peak_flow_run_processes for report in reports]),
     ]
+    rows.append((f"CPU per job, {MACHINE}", [f"{report.cpu_ms_per_job.get(MACHINE, 0):.0f} ms" for report in reports]))
+    rows.append((f"CPU per job, {FLOW_RUNS}", [f"{report.cpu_ms_per_job.get(FLOW_RUNS, 0):.0f} ms"
+                                              for report in reports]))
     services = dict.fromkeys(name for report in reports for name in report.services_peak_pss_mb)
-    rows += [(f"`{name}`, peak PSS", [_megabytes(report, name) for report in reports]) for name in services]
+    rows += [(f"`{name}`: peak PSS, CPU per job", [_memory_and_cpu(report, name) for report in reports])
+             for name in services]
     table = "\n".join(f"| {name} | {' | '.join(str(value) for value in values)} |" for name, values in rows)
     header = f"| | {' | '.join(run.title for run in runs)} |\n|---|{'---|' * len(runs)}"
     return (
@@ -304,7 +351,8 @@ def markdown(runs: list[LoadRun]) -> str:
         "service's without a worker: it runs in its session's process. Over two hosts, each series has one job "
         "of a venv component installed on each host, which runs there as a deployment run on the work queue of "
         "the host's device id. Peak PSS counts a service's processes together (PostgreSQL's backends, say); a "
-        "worker's or warm engine's flow runs are counted in the flow-run row.\n\n"
+        "worker's or warm engine's flow runs are counted in the flow-run rows. CPU per job is the CPU time a "
+        "service (with the same processes) spent during the run, divided by the job records.\n\n"
         + header + "\n" + table + "\n<!-- /load -->"
     )
 

@@ -6,7 +6,8 @@ bridge's address, never over loopback (the namespace's loopback is its own and e
 dcm_processor_utils' `get_device_id()` answers differently in each host, since the MAC address it reads is
 the host's own. Each host has its own home folder (its environments, its logs), its own process worker
 polling the work queue of its device id and its own warm engine, as a real worker host would run them.
-`remove` kills every process in the namespace and deletes it, however far `create` got.
+`remove` kills every process in the namespace and deletes it, however far `create` got. `worker_hosts` starts a
+scaled stack with two such hosts, as the tests and `make load` use them.
 """
 
 from __future__ import annotations
