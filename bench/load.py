@@ -423,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     arguments.add_argument("--shape", choices=["both", "embedded", "scaled"], default="both",
                            help="only one stack: its figures are printed, docs/benchmarks.md is left as it is")
     options = arguments.parse_args(argv)
+    if options.shape != "embedded" and os.geteuid() != 0:
+        arguments.error("the scaled stack's worker hosts are network namespaces, which only root can make: run as "
+                        "root, or with --shape embedded")
     shape = f"{options.sessions} x {options.series}"
     runs = []
     if options.shape in ("both", "embedded"):
