@@ -61,6 +61,11 @@ def service_component(
     return Component.read(folder)
 
 
+def venv_worker(name: str) -> dict[str, str]:
+    """The files of a venv worker of `name` with no requirements beyond the runtime's, for `service_component`."""
+    return {"settings.json": json.dumps({"name": name, "python_version": "3.11"}), "requirements.txt": ""}
+
+
 def lone_job(database: DcmDatabase, records: PlatformRecords, patient_id: str, job_name: str) -> str:
     """Store a one-image series of a new patient, let the platform's scheduler make its session, and return
     the id of its job `job_name`, made ready at once (the scheduler makes series jobs wait for pre-services)."""

@@ -1,17 +1,19 @@
 """Load: many patients' sessions at once, on the embedded stack and on the scaled one.
 
 `make load` stores patients of 50 one-image series each, lets the platform's scheduler make their sessions,
-submits all sessions at the same moment and waits, on two shapes:
+submits all sessions at the same moment and waits, three times:
 
-- the embedded stack: 5 patients, each series one job of a trivial service (no worker of its own), which
-  runs in its session's process on the stack's process worker;
-- the scaled stack (ops/scaled_stack.py): 10 patients of 25 series on two worker hosts (ops/network_hosts.py)
-  that both take sessions, each series one job of a venv component installed on host 1 and one of a venv
-  component installed on host 2, so every session's 50 jobs are spread over both hosts by their device ids.
+- the embedded stack, 5 patients: each series has one job of a trivial service with no worker of its own,
+  which runs in its session's process;
+- the scaled stack (ops/scaled_stack.py) with two worker hosts (ops/network_hosts.py) that both take
+  sessions, the same 5 patients' jobs;
+- the same scaled stack, 10 patients of 25 series: each series has one job of a venv component installed on
+  host 1 and one of a venv component installed on host 2, so every session's 50 jobs are spread over both
+  hosts by their device ids.
 
 It checks that every job record is done and that every callback ran exactly once, and on its host (each
-appends its job id and its Python to a file), samples the memory of every service, worker and flow-run
-process, and writes the figures side by side into docs/benchmarks.md. `tests/test_faults.py` and
+appends its job id and its Python to a file), samples the memory and counts the CPU of every service, worker
+and flow-run process, and writes the figures side by side into docs/benchmarks.md. `tests/test_faults.py` and
 `tests/test_network_hosts.py` run the same at a smaller size.
 """
 
@@ -31,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 
-from bench.components import database_of_its_own, service_component
+from bench.components import database_of_its_own, service_component, venv_worker
 from blocks.database import DcmDatabase
 from blocks.host import home_folder
 from flows.runtime.components import Component, register_service
@@ -101,10 +103,9 @@ class LoadTarget:
 def trivial_component(folder: Path, marker: Path, name: str = SERVICE_NAME, venv: bool = False) -> Component:
     """A service whose one series job (of the component's name) appends its job id and its Python's prefix to
     `marker`; with `venv`, the job runs in a venv worker of its own."""
-    worker = {"settings.json": json.dumps({"name": name, "python_version": "3.11"}), "requirements.txt": ""}
     return service_component(folder, name, TRIVIAL_SERVICE, [
         {"jobName": name, "workerEntry": "touch", "events": ["stable-series"], "params": {"marker": str(marker)}},
-    ], worker=worker if venv else None, worker_type="venv")
+    ], worker=venv_worker(name) if venv else None, worker_type="venv")
 
 
 def _memory_mb(pid: int, file: str, field: str) -> float:
@@ -205,7 +206,7 @@ class MemorySampler(threading.Thread):
             runs = [child for pid in self.run_starters.values() for child in descendants(pid, parents)]
             for name, pid in self.run_starters.items():
                 self.services_peak[name] = max(self.services_peak[name], _pss_mb(pid))
-                if "worker" in name:
+                if name.endswith("process-worker"):
                     self.worker_peak = max(self.worker_peak, _rss_mb(pid))
             self.flow_runs_peak = max(self.flow_runs_peak, sum(_pss_mb(run) for run in runs))
             self.processes_peak = max(self.processes_peak, len(runs))

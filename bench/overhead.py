@@ -301,7 +301,7 @@ def measure(bench: Bench, repeats: int, baseline_repeats: int, session_sizes: li
                        "time, per job", [(sample.run_seconds - sample.callbacks_sum) / session_sizes[0]
                                          for sample in alone]).row())
     header = "| | median s | min s | max s | runs | against |\n|---|---|---|---|---|---|\n"
-    marker = "overhead-scaled" if scaled else "overhead"
+    marker = section_marker(scaled)
     where = SCALED_STACK if scaled else EMBEDDED_STACK
     return (
         f"<!-- {marker} -->\n## Per-job overhead{' on the scaled stack' if scaled else ''} (`make bench`)\n\n"
@@ -317,6 +317,11 @@ def measure(bench: Bench, repeats: int, baseline_repeats: int, session_sizes: li
         f"{sampler.processes_peak} processes at most.\n"
         f"<!-- /{marker} -->"
     )
+
+
+def section_marker(scaled: bool) -> str:
+    """The marker of the per-job section in docs/benchmarks.md: each stack has its own."""
+    return "overhead-scaled" if scaled else "overhead"
 
 
 EMBEDDED_STACK = "the embedded stack (SecantusDB, Prefect server on SQLite, one process worker)"
@@ -392,8 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             wheelhouse = build_wheelhouse(home_folder() / "wheelhouse")
             sections["install"] = measure_installs(wheelhouse, Path(folder), options.repeats)
         if "jobs" in options.parts:
-            marker = "overhead-scaled" if options.scaled else "overhead"
-            sections[marker] = measure_jobs(options, Path(folder))
+            sections[section_marker(options.scaled)] = measure_jobs(options, Path(folder))
         if "operator" in options.parts:
             with fresh_stack(Path(folder) / "operator-stack"):
                 sections["operator"] = measure_operator_views(options.repeats)
@@ -420,7 +424,10 @@ def fresh_stack(home: Path, scaled: bool = False) -> Iterator[tuple[LocalStack, 
         with stack.connected(state):
             yield stack, state
     finally:
-        stack.purge() if isinstance(stack, ScaledStack) else stack.stop()
+        if isinstance(stack, ScaledStack):
+            stack.purge()  # its PostgreSQL cluster lives outside `home`
+        else:
+            stack.stop()
 
 
 def measure_jobs(options: argparse.Namespace, folder: Path) -> str:

@@ -3,7 +3,6 @@ installed on it, and a session's jobs run on the host that holds theirs."""
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
 from prefect.states import Scheduled
 
-from bench.components import database_of_its_own, service_component
+from bench.components import database_of_its_own, service_component, venv_worker
 from bench.load import routed_target, run_load
 from blocks.database import DcmDatabase
 from flows.runtime.platform_records import PlatformRecords
@@ -66,7 +65,7 @@ def venv_component(folder: Path, name: str) -> Path:
     service_component(folder, name, WHERE_AM_I, [
         {"jobName": name, "workerEntry": "where", "events": ["stable-series"],
          "params": {"stack": BRIDGE_ADDRESS, "hold": str(HOLD)}},
-    ], worker={"settings.json": json.dumps({"name": name, "python_version": "3.11"}), "requirements.txt": ""},
+    ], worker=venv_worker(name),
         worker_type="venv")
     return folder
 
