@@ -302,6 +302,7 @@ def test_a_job_whose_process_and_worker_are_killed_is_crashed_in_time_and_its_se
     killed = time.monotonic()
     eventually(lambda: not process_alive(callback), timeout=15)
     eventually(lambda: not job_folder.exists(), timeout=15)
+    eventually(lambda: not process_alive(worker), timeout=15)
     local_stack.start_workers(stack)  # as a service manager restarts a worker that died
 
     crashed = eventually(lambda: (run := read_flow_run(job_run_id)).state.is_crashed() and run,

@@ -410,9 +410,11 @@ def test_a_job_whose_process_and_worker_are_killed_is_repaired_in_three_minutes_
         job_id, pid_file = platform.sleeper_job(tmp_path)
         flow_run_id = submit_job(job_id)
         callback = running_callback(pid_file)
-        os.kill(stack.processes["process-worker"], signal.SIGKILL)
+        worker = stack.processes["process-worker"]
+        os.kill(worker, signal.SIGKILL)
         os.kill(parent_of(callback), signal.SIGKILL)
         killed = time.monotonic()
+        eventually(lambda: not process_alive(worker), timeout=15)  # a SIGKILL takes effect a moment later
         local_stack.start_workers(stack)  # as a service manager restarts a worker that died
 
         record = eventually(lambda: (job := platform.job(job_id))["inProgress"] is False and job,
