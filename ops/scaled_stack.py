@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 from flows.runtime.process import send_signal
@@ -257,14 +258,15 @@ class ScaledStack(LocalStack):
         self._end(state, name)
         self._save(state)
 
-    def restart_postgres(self, state: StackState) -> None:
-        """Stop PostgreSQL the fast way (open transactions are rolled back) and start it again on its port, as a
-        maintenance restart would."""
+    def restart_postgres(self, state: StackState, down_seconds: float = 0.0) -> None:
+        """Stop PostgreSQL the fast way (open transactions are rolled back), leave it stopped `down_seconds` (as a
+        failover would) and start it again on its port, as a maintenance restart would."""
         pid = state.processes.get("postgres")
         if pid is not None and state.is_ours("postgres"):
             send_signal(pid, signal.SIGINT, group=True)
             _wait("PostgreSQL to stop", lambda: not process_alive(pid), self.logs / "postgres.log")
         self._end(state, "postgres")
+        time.sleep(down_seconds)
         self._start_postgres(state)
 
     def restart_redis(self, state: StackState) -> None:

@@ -36,6 +36,7 @@ from blocks.database import ENVIRONMENT_NAME, ENVIRONMENT_PROVIDER, ENVIRONMENT_
 from blocks.host import home_folder
 from flows.runtime.names import DOCKER_POOL, DOCKER_POOL_WORKER_TYPE, PROCESS_POOL, PROCESS_POOL_WORKER_TYPE
 from flows.runtime.process import send_signal
+from flows.runtime.variables import API_CLIENT_VARIABLES
 from ops.prefect_setup import set_up
 from ops.warm_engine import SOCKET_VARIABLE
 
@@ -229,6 +230,7 @@ class LocalStack:
             "PREFECT_WORKER_QUERY_SECONDS": "1",
             "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.5",
             "PREFECT_API_AUTH_STRING": self.api_auth(),
+            **API_CLIENT_VARIABLES,
         }
         if api_url:
             environment["PREFECT_API_URL"] = api_url

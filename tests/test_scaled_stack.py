@@ -143,6 +143,16 @@ def test_a_session_completes_when_postgresql_or_redis_restarts_in_its_middle(
     run_while(stack, state, database, tmp_path, fault=lambda: restart(state))
 
 
+def test_a_session_completes_when_postgresql_is_down_for_seconds_in_its_middle(
+    scaled: tuple[ScaledStack, StackState], database: tuple[DcmDatabase, str], tmp_path: Path
+) -> None:
+    """While PostgreSQL refuses connections, Prefect's API servers answer 500 (not 503): the runs' clients must
+    ride that out as they ride out a restart."""
+    stack, state = scaled
+
+    run_while(stack, state, database, tmp_path, fault=lambda: stack.restart_postgres(state, down_seconds=6))
+
+
 def test_a_second_stack_connected_for_a_while_leaves_later_processes_pointed_at_the_first(tmp_path: Path) -> None:
     first, second = ScaledStack(tmp_path / "first"), ScaledStack(tmp_path / "second")
     first_state = StackState("mongodb://10.0.0.1:1", "http://10.0.0.1:1/api", "http://10.0.0.1:1")

@@ -45,9 +45,15 @@ SILENT_RUN_CRASHED = f"no heartbeat for {MISSED_HEARTBEATS_SECONDS} s: the run's
 """The Crashed state's message of such a run, whichever of the heartbeat automation and the reconciler sets it."""
 
 
+API_CLIENT_VARIABLES = {"PREFECT_CLIENT_MAX_RETRIES": "8", "PREFECT_CLIENT_RETRY_EXTRA_CODES": "500"}
+"""How every process of the runtime rides out an API that does not answer: with backoff, 8 times (about 8 minutes
+in all), and on 500 as well as on 502 and 503, because Prefect's server answers 500 to every request while its
+PostgreSQL refuses connections (a restart, a failover)."""
+
+
 def flow_run_variables() -> dict[str, str]:
     """Settings every flow run's process needs (prefect.yaml gives process runs the same)."""
-    return {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS), "PREFECT_CLIENT_MAX_RETRIES": "8"}
+    return {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS), **API_CLIENT_VARIABLES}
 
 
 def service_variables(job: JobRecord, database: DBManager) -> dict[str, str]:
