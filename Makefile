@@ -37,8 +37,8 @@ load: install
 	bash .ci/scaled-services.sh
 	$(BIN)/python -m bench.load
 
-# Per-job overhead, trigger to start, session makespans, venv installs (pip, uv), side by side with their baselines;
-# into docs/benchmarks.md.
+# Per-job overhead, trigger to start, session makespans, venv installs (pip, uv), a session on stock Prefect and on
+# the embedded stack beside the seed's runtime, side by side with their baselines; into docs/benchmarks.md.
 bench: install
 	$(BIN)/python -m bench.overhead
 

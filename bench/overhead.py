@@ -10,12 +10,13 @@ several ways, each repeated, and prints and writes into docs/benchmarks.md the m
   in the session's process (the default) and, as the baseline, each job handed to the worker;
 - memory of the worker and of the flow-run processes below it;
 - building a venv worker's environment with pip against uv, with a cold and a warm package cache;
-- a docker job against a raw `docker run` of the same image (bench/containers.py).
+- a docker job against a raw `docker run` of the same image (bench/containers.py);
+- a 22-job session on stock Prefect and on the embedded stack, each beside the seed's runtime (bench/stock.py).
 
 Each part runs on an embedded stack of its own, started for it and stopped afterwards, so that no earlier
 run in the Prefect server's database weighs on the figures. Every figure comes from records, the Prefect
 API or a clock around the command, never from a sleep.
-`--parts jobs`, `--parts install` or `--parts docker` runs one part.
+`--parts jobs`, `--parts install`, `--parts docker`, `--parts operator` or `--parts stock` runs one part.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from bench.containers import ContainerBench, runtime_layer_build
 from bench.figures import Figure
 from bench.load import MemorySampler, write_benchmarks
 from bench.operator_views import measure_operator_views
+from bench.stock import measure_stock
 from blocks.database import DcmDatabase
 from blocks.host import home_folder
 from flows.runtime.components import Component, register_service
@@ -385,8 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     arguments.add_argument("--baseline-repeats", type=int, default=1,
                            help="runs of each session with every job on the worker (minutes each)")
     arguments.add_argument("--sessions", type=int, nargs="*", default=[10, 50], help="session sizes, in jobs")
-    arguments.add_argument("--parts", nargs="*", choices=["jobs", "install", "docker", "operator"],
-                           default=["jobs", "install", "docker", "operator"])
+    arguments.add_argument("--parts", nargs="*", choices=["jobs", "install", "docker", "operator", "stock"],
+                           default=["jobs", "install", "docker", "operator", "stock"])
+    arguments.add_argument("--stock-rounds", type=int, default=4,
+                           help="pairs of sessions (the seed's runtime, then the stack) on each stack")
+    arguments.add_argument("--stock-series", type=int, default=20, help="series of each of those sessions")
     arguments.add_argument("--no-write", action="store_true", help="print the tables only")
     arguments.add_argument("--scaled", action="store_true",
                            help="the jobs part on the scaled stack instead (its own section of docs/benchmarks.md)")
@@ -401,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         if "operator" in options.parts:
             with fresh_stack(Path(folder) / "operator-stack"):
                 sections["operator"] = measure_operator_views(options.repeats)
+        if "stock" in options.parts:
+            sections["stock"] = measure_stock(Path(folder), options.stock_rounds, options.stock_series)
         if "docker" in options.parts:
             if docker_engine_answers():
                 sections["docker"] = measure_docker_jobs(options.repeats, Path(folder))
