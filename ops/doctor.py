@@ -19,6 +19,7 @@ from prefect.client.orchestration import SyncPrefectClient
 from prefect.exceptions import ObjectNotFound
 
 from blocks.database import DcmDatabase
+from flows.runtime.fast_path import stock_server_advice
 from flows.runtime.names import DEFAULT_BLOCK, DOCKER_POOL, POOL_WORKER_TYPES, PROCESS_POOL, SESSION_QUEUE
 from flows.runtime.platform_records import PlatformRecords
 from ops.prefect_setup import CRASH_AUTOMATION, PREFECT_YAML
@@ -69,8 +70,14 @@ class Doctor:
 
     def server(self) -> Finding:
         problem = self.client.api_healthcheck()
-        return Finding("Prefect server", str(self.client.api_url), None if problem is None else str(problem),
-                       "start the server (`dcm-flows stack start`, or `prefect server start`) and set PREFECT_API_URL")
+        if problem is not None:
+            return Finding("Prefect server", "", str(problem), "start the server (`dcm-flows stack start`, or "
+                           "`python -m ops.prefect_server`) and set PREFECT_API_URL")
+        if stock_server_advice(self.client.request("GET", "/health").headers) is not None:
+            return Finding("Prefect server", str(self.client.api_url), "a stock `prefect server start`: on SQLite it "
+                           "refuses writes that meet another and runs back off 2 s or more per refusal (slower, still "
+                           "correct)", "start it as `python -m ops.prefect_server` with the same options")
+        return Finding("Prefect server", str(self.client.api_url))
 
     def pool(self, name: str, needed_for: str) -> Finding:
         """The pool exists, and a worker of this project's type polls it."""

@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -247,7 +248,7 @@ class ScaledStack(LocalStack):
     def start_api_server(self, state: StackState, name: str, wait: bool = True) -> None:
         """Start one API server (again), on its port."""
         self._spawn(state, name, [
-            _executable("prefect"), "server", "start", "--no-services", "--host", "127.0.0.1",
+            sys.executable, "-m", "ops.prefect_server", "--no-services", "--host", "127.0.0.1",
             "--port", str(state.ports[name]),
         ], self._scaled_prefect_environment(state))
         if wait:

@@ -124,8 +124,10 @@ def test_a_run_of_prefects_stock_worker_says_which_worker_to_start_instead_and_d
         finding = Doctor(client).pool(pool, "the test's runs")
 
     assert final.state.is_failed() and "no job with id" in final.state.message
-    advice = [log.message for log in logs_of_ended_run(flow_run.id) if "Prefect's stock worker" in log.message]
+    logs = [log.message for log in logs_of_ended_run(flow_run.id)]
+    advice = [message for message in logs if "Prefect's stock worker" in message]
     assert len(advice) == 1 and f"`prefect worker start --pool {pool} --type dcm-process`" in advice[0]
+    assert not [message for message in logs if "stock `prefect server start`" in message], "the server is ours"
     assert finding.problem is not None and "Prefect's stock worker" in finding.problem
     assert f"--pool {pool} --type dcm-process" in finding.fix
 

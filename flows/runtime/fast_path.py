@@ -3,7 +3,9 @@
 Prefect's stock process and docker workers run this project's deployments correctly, only slower: they find a
 new run at their next poll, and a stock process worker starts every run in a fresh interpreter, about 3 s of
 imports (docs/benchmarks.md). An operator who follows Prefect's own docs gets them and nothing says so, so the
-session and job runs a worker started say it once, in their logs, with the command to use instead.
+session and job runs a worker started say it once, in their logs, with the command to use instead. So they do
+when the Prefect server is a stock `prefect server start`, which on SQLite makes concurrent runs back off for
+seconds at a time.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from flows.runtime.names import (
     POOL_WORKER_TYPES,
     POOL_WORKER_VARIABLE,
     PROCESS_POOL_WORKER_TYPE,
+    SERVER_HEADER,
     WARM_ENGINE_SOCKET_VARIABLE,
 )
 
@@ -44,9 +47,19 @@ def slow_start_advice(environment: Mapping[str, str], work_pool: str, pool_type:
     return None
 
 
+def stock_server_advice(answer_headers: Mapping[str, str]) -> str | None:
+    """What to start instead, when the Prefect server that gave an answer with these headers is a stock one."""
+    if any(name.lower() == SERVER_HEADER.lower() for name in answer_headers):
+        return None
+    return ("this run's Prefect server is a stock `prefect server start`: on SQLite it refuses a write that meets "
+            "another instead of queueing it, and each refusal costs a run 2 s or more of Prefect's back-off (a 22-job "
+            "session about 7x slower, docs/benchmarks.md): start it as `python -m ops.prefect_server` with the same "
+            "options (`dcm-flows stack start` does on one machine)")
+
+
 def say_if_started_slowly(logger: logging.Logger | logging.LoggerAdapter[logging.Logger]) -> None:
-    """Log `slow_start_advice` for the current flow run if a worker started this process for it (not for a child
-    flow run of a session, nor a flow called directly), once."""
+    """Log `slow_start_advice` and `stock_server_advice` for the current flow run if a worker started this process
+    for it (not for a child flow run of a session, nor a flow called directly), once."""
     context = FlowRunContext.get()
     if context is None or context.flow_run is None or context.flow_run.work_pool_name is None:
         return
@@ -54,12 +67,13 @@ def say_if_started_slowly(logger: logging.Logger | logging.LoggerAdapter[logging
         return
     pool = context.flow_run.work_pool_name
     pool_type = ""
-    if POOL_WORKER_VARIABLE not in os.environ:
-        try:
-            with get_client(sync_client=True) as client:
+    try:
+        with get_client(sync_client=True) as client:
+            if POOL_WORKER_VARIABLE not in os.environ:
                 pool_type = client.read_work_pool(pool).type
-        except Exception:  # advice is not worth failing the run for
-            return
-    advice = slow_start_advice(os.environ, pool, pool_type)
-    if advice is not None:
-        logger.warning(advice)
+            server_headers = client.request("GET", "/health").headers
+    except Exception:  # advice is not worth failing the run for
+        return
+    for advice in (slow_start_advice(os.environ, pool, pool_type), stock_server_advice(server_headers)):
+        if advice is not None:
+            logger.warning(advice)

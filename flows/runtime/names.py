@@ -32,6 +32,8 @@ FRESH_ENGINE_VARIABLE = "DCM_FLOWS_FRESH_ENGINE"
 """The job command sets it, to the reason, when the run starts in a fresh interpreter instead of the warm engine."""
 WARM_ENGINE_SOCKET_VARIABLE = "DCM_FLOWS_WARM_ENGINE"
 """Where the warm engine of the worker's host listens, in the worker's environment (ops/warm_engine.py)."""
+SERVER_HEADER = "X-Dcm-Flows-Server"
+"""Every answer of this project's Prefect server (ops/prefect_server.py) carries it; a stock server's do not."""
 
 DEFAULT_BLOCK = "default"
 """The name of the `dcm-database` and `dcm-worker-host` blocks a run uses unless told otherwise."""
