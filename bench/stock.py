@@ -74,7 +74,8 @@ class Pair:
 
 
 class Sessions:
-    """Sessions of one shape for the seed's runtime and for the stack, each in a database of its own."""
+    """Sessions of one shape, made by the platform's scheduler in one database: pre-services, `series` series of
+    one trivial job each, post-services; for `device_id`'s host (the seed's worker claims only its own)."""
 
     def __init__(self, database: DcmDatabase, folder: Path, series: int, device_id: str | None) -> None:
         self.database = database
@@ -125,6 +126,7 @@ def measure_pairs(stack: LocalStack, folder: Path, rounds: int, series: int) -> 
 
 
 def row(name: str, pairs: list[Pair]) -> str:
+    """The table row of one stack: medians of both sides, the ratio's median and spread, the target's verdict."""
     ratios = [pair.ratio for pair in pairs]
     return (f"| {name} | {statistics.median(pair.stack for pair in pairs):.1f} s "
             f"| {statistics.median(pair.seed for pair in pairs):.1f} s | {statistics.median(ratios):.2f}x "
