@@ -19,7 +19,7 @@ from prefect.client.orchestration import SyncPrefectClient
 from prefect.exceptions import ObjectNotFound
 
 from blocks.database import DcmDatabase
-from flows.runtime.fast_path import stock_server_advice
+from flows.runtime.fast_path import answered_by_this_projects_server
 from flows.runtime.names import DEFAULT_BLOCK, DOCKER_POOL, POOL_WORKER_TYPES, PROCESS_POOL, SESSION_QUEUE
 from flows.runtime.platform_records import PlatformRecords
 from ops.prefect_setup import CRASH_AUTOMATION, PREFECT_YAML
@@ -69,11 +69,12 @@ class Doctor:
                 yield Finding(check.__name__.replace("_", " "), "", f"could not check: {error}", SET_UP)
 
     def server(self) -> Finding:
-        problem = self.client.api_healthcheck()
-        if problem is not None:
+        try:
+            answer = self.client.request("GET", "/health")
+        except Exception as problem:
             return Finding("Prefect server", "", str(problem), "start the server (`dcm-flows stack start`, or "
                            "`python -m ops.prefect_server`) and set PREFECT_API_URL")
-        if stock_server_advice(self.client.request("GET", "/health").headers) is not None:
+        if not answered_by_this_projects_server(answer.headers):
             return Finding("Prefect server", str(self.client.api_url), "a stock `prefect server start`: on SQLite it "
                            "refuses writes that meet another and runs back off 2 s or more per refusal (slower, still "
                            "correct)", "start it as `python -m ops.prefect_server` with the same options")

@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
-import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,7 +17,6 @@ import sqlalchemy
 from prefect.client.orchestration import get_client
 from prefect.events.worker import EventsWorker
 from prefect.server.database.configurations import AioSqliteConfiguration
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from bench.components import database_of_its_own
 from bench.stock import Sessions, StockStack
@@ -29,8 +24,8 @@ from flows.runtime.fast_path import stock_server_advice
 from flows.submit import submit_session, wait_for_run
 from ops.doctor import Doctor
 from ops.prefect_server import sqlite_transactions_take_the_write_lock
-from ops.stack import StackState, _executable, _http_ok, free_port
-from tests.conftest import eventually, logs_of_ended_run
+from ops.stack import StackState
+from tests.conftest import logs_of_ended_run
 
 
 async def _read_then_write_while_another_connection_writes(database: Path) -> list[str]:
@@ -118,28 +113,21 @@ def test_a_read_in_a_new_session_inside_a_write_transaction_of_the_embedded_serv
     assert asyncio.run(_read_in_a_new_session_inside_a_write_transaction(tmp_path / "prefect.db")) == ["paused"]
 
 
-@contextmanager
-def stock_server(home: Path) -> Iterator[str]:
-    """`prefect server start` as shipped, on an SQLite database of its own; its API URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    environment = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                   "PREFECT_UI_ENABLED": "false"}
-    server = subprocess.Popen([_executable("prefect"), "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)],
-                              env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+@pytest.fixture(scope="module")
+def stock_prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[StockStack, StackState]]:
+    """This project's set-up under stock Prefect: `prefect server start` as shipped and Prefect's process worker."""
+    stock = StockStack(tmp_path_factory.mktemp("stock"))
     try:
-        eventually(lambda: _http_ok(f"{url}/health"), timeout=90)
-        yield url
+        yield stock, stock.start()
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
+        stock.stop()
 
 
-def test_runs_and_the_doctor_tell_this_projects_server_from_a_stock_one(stack: StackState, tmp_path: Path) -> None:
-    with stock_server(tmp_path / "prefect") as stock_url, temporary_settings({PREFECT_API_URL: stock_url}), \
-            get_client(sync_client=True) as client:
+def test_runs_and_the_doctor_tell_this_projects_server_from_a_stock_one(
+    stack: StackState, stock_prefect: tuple[StockStack, StackState]
+) -> None:
+    stock, stock_state = stock_prefect
+    with stock.connected(stock_state), get_client(sync_client=True) as client:
         stock_answer = client.request("GET", "/health").headers
         stock_finding = Doctor(client).server()
     with get_client(sync_client=True) as client:
@@ -153,17 +141,15 @@ def test_runs_and_the_doctor_tell_this_projects_server_from_a_stock_one(stack: S
     assert "python -m ops.prefect_server" in stock_finding.fix
 
 
-def test_a_session_on_stock_prefect_says_once_which_server_and_worker_to_start_instead(tmp_path: Path) -> None:
-    stock = StockStack(tmp_path / "stack")
-    try:
-        state = stock.start()
-        with stock.connected(state), database_of_its_own("stock") as (database, block):
-            flow_run_id = submit_session(Sessions(database, tmp_path / "sessions", 2, None).scheduled(), block)
-            final = wait_for_run(flow_run_id, timeout_seconds=300)
-            warnings = [log.message for log in logs_of_ended_run(flow_run_id) if log.level >= logging.WARNING]
-            EventsWorker.drain_all()
-    finally:
-        stock.stop()
+def test_a_session_on_stock_prefect_says_once_which_server_and_worker_to_start_instead(
+    stock_prefect: tuple[StockStack, StackState], tmp_path: Path
+) -> None:
+    stock, stock_state = stock_prefect
+    with stock.connected(stock_state), database_of_its_own("stock") as (database, block):
+        flow_run_id = submit_session(Sessions(database, tmp_path / "sessions", 2, None).scheduled(), block)
+        final = wait_for_run(flow_run_id, timeout_seconds=300)
+        warnings = [log.message for log in logs_of_ended_run(flow_run_id) if log.level >= logging.WARNING]
+        EventsWorker.drain_all()
 
     assert final.state is not None and final.state.is_completed(), final.state
     server_advice = [message for message in warnings if "stock `prefect server start`" in message]

@@ -47,9 +47,14 @@ def slow_start_advice(environment: Mapping[str, str], work_pool: str, pool_type:
     return None
 
 
+def answered_by_this_projects_server(answer_headers: Mapping[str, str]) -> bool:
+    """Whether the Prefect server that gave an answer with these headers is `python -m ops.prefect_server`."""
+    return any(name.lower() == SERVER_HEADER.lower() for name in answer_headers)
+
+
 def stock_server_advice(answer_headers: Mapping[str, str]) -> str | None:
     """What to start instead, when the Prefect server that gave an answer with these headers is a stock one."""
-    if any(name.lower() == SERVER_HEADER.lower() for name in answer_headers):
+    if answered_by_this_projects_server(answer_headers):
         return None
     return ("this run's Prefect server is a stock `prefect server start`: on SQLite it refuses a write that meets "
             "another instead of queueing it, and each refusal costs a run 2 s or more of Prefect's back-off (a 22-job "
