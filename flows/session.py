@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import queue
 import threading
 import time
@@ -97,6 +98,33 @@ class QueueRouter:
         return JobRoute(environment, job.channel if self._known[key] else None)
 
 
+class JobRunKeys:
+    """The keys of a session attempt's child job runs: one of its own for each, in the order they start.
+
+    Prefect files the k-th child flow run of a flow run under a tracking task run keyed k, counted in the flow run's
+    context, which the job threads share. Two threads that counted at once got the same key: the second job ran
+    under the first one's flow run and claimed its record with that run's id. Here the session's loop, one
+    thread, hands each child run a copy of the context in which Prefect's next count is that run's key, so the
+    threads start at once. An attempt of a retried session run is handed an earlier attempt's k-th child run when
+    that one did not end, and a retried session starts its jobs in another order (the done ones are left out):
+    each attempt's keys start past the earlier attempts' (at most ATTEMPT_KEYS children each).
+    """
+
+    def __init__(self) -> None:
+        context = FlowRunContext.get()
+        attempt = context.flow_run.run_count if context is not None and context.flow_run is not None else 1
+        self._counted = itertools.count(ATTEMPT_KEYS * (max(attempt, 1) - 1))
+        self._tracking = Task(name=job_flow.name, fn=job_flow.fn, version=job_flow.version).task_key
+
+    def next_run(self) -> contextlib.AbstractContextManager[Any]:
+        """The context to start the next child run in (outside a flow run, as in tests, nothing to key)."""
+        context = FlowRunContext.get()
+        if context is None or context.flow_run is None:
+            return contextlib.nullcontext()
+        counts = {**context.task_run_dynamic_keys, self._tracking: next(self._counted)}
+        return context.model_copy(update={"task_run_dynamic_keys": counts})
+
+
 class SessionJobs:
     """The session's jobs in flight: child flow runs in this process, and deployment runs on pool workers.
 
@@ -117,7 +145,7 @@ class SessionJobs:
         self._ended: queue.SimpleQueue[tuple[str, State | str]] = queue.SimpleQueue()
         self._reported: set[str] = set()
         self._lock = threading.Lock()
-        self._creating = threading.Lock()
+        self._keys = JobRunKeys()
         self._polled = 0.0
         # No heartbeats of their own: a job run lives and dies with this session's process, whose heartbeat
         # and crash handling (flows/crash.py) cover it; each heartbeat is a write to the server's database.
@@ -136,36 +164,20 @@ class SessionJobs:
             self._reported.add(job_id)
         self._ended.put((job_id, ending))
 
-    def _run_here(self, job: JobRecord) -> State:
-        """Run the job's flow as a child run in this thread.
-
-        Its child run is created one thread at a time (until it is Running): Prefect keys a flow's child runs
-        by a counter the threads share, and two threads that read it at once got the same key, the second
-        job then running under the first one's flow run, and claiming its record with that run's id.
-        """
-        released = False
-
-        def let_the_next_start(*_: Any) -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self._creating.release()
+    def _run_here(self, job: JobRecord, keyed: contextlib.AbstractContextManager[Any]) -> State:
+        """Run the job's flow as a child run in this thread, under the key `keyed` gives it."""
 
         def on_final_state(flow: Any, flow_run: Any, state: State) -> None:
             self._report(job.id, state)
 
         hooks = [on_final_state]
         job_run = job_flow.with_options(
-            flow_run_name=job_run_name(job.id, job), on_running=[let_the_next_start],
+            flow_run_name=job_run_name(job.id, job),
             on_completion=hooks, on_failure=hooks, on_cancellation=hooks, on_crashed=hooks,
         )
         settings = SettingsContext(profile=get_settings_context().profile, settings=self._job_settings)
-        self._creating.acquire()
-        try:
-            with tags(*job_tags(job)), settings:
-                return job_run(**JobParameters(job.id, self.database_block).as_parameters(), return_state=True)
-        finally:
-            let_the_next_start()
+        with keyed, tags(*job_tags(job)), settings:
+            return job_run(**JobParameters(job.id, self.database_block).as_parameters(), return_state=True)
 
     def _thread_ended(self, job_id: str, future: Future[State]) -> None:
         with self._lock:
@@ -177,7 +189,7 @@ class SessionJobs:
 
     def start_here(self, job: JobRecord) -> None:
         self.here.add(job.id)
-        future = self.threads.submit(contextvars.copy_context().run, self._run_here, job)
+        future = self.threads.submit(contextvars.copy_context().run, self._run_here, job, self._keys.next_run())
         with self._lock:
             self.threads_running.add(future)
         future.add_done_callback(lambda done: self._thread_ended(job.id, done))
@@ -372,7 +384,6 @@ def _run_session(
     already_done = sum(1 for job in plan.jobs.values() if job.done)
     logger.info("session %s: %d jobs, %d already done", session_id, len(plan.jobs), already_done)
     progress = SessionProgress(plan)
-    new_keys_for_job_runs_of_this_attempt()
     with get_client(sync_client=True) as client:
         session = SessionRun(session_id, plan, records, client, database_block, max(1, max_parallel_jobs),
                              jobs_in_session)
@@ -403,22 +414,6 @@ def publish_job_graph(plan: SessionPlan, records: PlatformRecords, session_id: s
     except DatabaseUnavailable:
         seconds = {}
     create_markdown_artifact(plan.as_markdown(seconds), description="the session's jobs: state, duration, graph")
-
-
-def new_keys_for_job_runs_of_this_attempt() -> None:
-    """Key this attempt's in-session job runs apart from those of the session run's earlier attempts.
-
-    Prefect files the k-th child flow run a flow starts under a tracking task run keyed k, and an attempt of a
-    retried run that starts its k-th child is handed the earlier attempt's k-th child run when that one did not
-    end. A retried session starts its jobs in another order (the done ones are left out), so a job ran under
-    the run of another job, named for it, and claimed its record with that run's id. Each attempt's keys start
-    past the earlier attempts' (at most ATTEMPT_KEYS children each).
-    """
-    context = FlowRunContext.get()
-    if context is None or context.flow_run is None or context.flow_run.run_count <= 1:
-        return
-    tracking = Task(name=job_flow.name, fn=job_flow.fn, version=job_flow.version).task_key
-    context.task_run_dynamic_keys[tracking] = ATTEMPT_KEYS * (context.flow_run.run_count - 1)
 
 
 class SessionRun:
