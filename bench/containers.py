@@ -91,6 +91,16 @@ class ContainerBench:
         ended = time.time()
         return float(output.strip().splitlines()[-1]) - triggered, ended - triggered
 
+    def raw_import(self, image: str, modules: str) -> float:
+        """`docker run --rm` of the job's image importing `modules`, trigger to imported: what a job's container,
+        which runs `python -m prefect.engine` and loads the job flow, spends before its flow's first line."""
+        triggered = time.time()
+        output = subprocess.run(
+            ["docker", "run", "--rm", "--network", "none", image, PYTHON, "-c",
+             f"import time; import {modules}; print(time.time())"], check=True, capture_output=True, text=True,
+        ).stdout
+        return float(output.strip().splitlines()[-1]) - triggered
+
 
 def runtime_layer_build(wheelhouse: Path, installer: str) -> float:
     """Seconds to build the runtime layer on the base image with `installer`, without Docker's build cache."""

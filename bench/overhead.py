@@ -11,12 +11,14 @@ several ways, each repeated, and prints and writes into docs/benchmarks.md the m
 - memory of the worker and of the flow-run processes below it;
 - building a venv worker's environment with pip against uv, with a cold and a warm package cache;
 - a docker job against a raw `docker run` of the same image (bench/containers.py);
-- a 22-job session on stock Prefect and on the embedded stack, each beside the seed's runtime (bench/stock.py).
+- a 22-job session on stock Prefect and on the embedded stack, each beside the seed's runtime (bench/stock.py);
+- bare sessions of empty child flows, what Prefect itself costs for a job's shape (bench/floor.py).
 
 Each part runs on an embedded stack of its own, started for it and stopped afterwards, so that no earlier
 run in the Prefect server's database weighs on the figures. Every figure comes from records, the Prefect
 API or a clock around the command, never from a sleep.
-`--parts jobs`, `--parts install`, `--parts docker`, `--parts operator` or `--parts stock` runs one part.
+`--parts jobs`, `--parts install`, `--parts docker`, `--parts operator`, `--parts stock` or `--parts floor`
+runs one part.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from prefect.workers.process import ProcessWorker
 from bench.components import database_of_its_own, lone_job, service_component
 from bench.containers import ContainerBench, runtime_layer_build
 from bench.figures import Figure
+from bench.floor import measure_floor
 from bench.load import MemorySampler, write_benchmarks
 from bench.operator_views import measure_operator_views
 from bench.stock import measure_stock
@@ -381,14 +384,16 @@ def measure_installs(wheelhouse: Path, folder: Path, repeats: int) -> str:
     )
 
 
+PARTS = ["jobs", "floor", "install", "docker", "operator", "stock"]
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     arguments.add_argument("--repeats", type=int, default=3)
     arguments.add_argument("--baseline-repeats", type=int, default=1,
                            help="runs of each session with every job on the worker (minutes each)")
     arguments.add_argument("--sessions", type=int, nargs="*", default=[10, 50], help="session sizes, in jobs")
-    arguments.add_argument("--parts", nargs="*", choices=["jobs", "install", "docker", "operator", "stock"],
-                           default=["jobs", "install", "docker", "operator", "stock"])
+    arguments.add_argument("--parts", nargs="*", choices=PARTS, default=PARTS)
     arguments.add_argument("--stock-rounds", type=int, default=4,
                            help="pairs of sessions (the seed's runtime, then the stack) on each stack")
     arguments.add_argument("--stock-series", type=int, default=20, help="series of each of those sessions")
@@ -403,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
             sections["install"] = measure_installs(wheelhouse, Path(folder), options.repeats)
         if "jobs" in options.parts:
             sections[section_marker(options.scaled)] = measure_jobs(options, Path(folder))
+        if "floor" in options.parts:
+            sections["floor"] = measure_prefect_floor(options, Path(folder))
         if "operator" in options.parts:
             with fresh_stack(Path(folder) / "operator-stack"):
                 sections["operator"] = measure_operator_views(options.repeats)
@@ -446,6 +453,24 @@ def measure_jobs(options: argparse.Namespace, folder: Path) -> str:
             return measure(bench, options.repeats, options.baseline_repeats, options.sessions, options.scaled)
 
 
+def measure_prefect_floor(options: argparse.Namespace, folder: Path) -> str:
+    """Bare sessions (bench/floor.py) on an embedded stack of their own: what any job costs there."""
+    with fresh_stack(folder / "floor-stack") as (_, state):
+        rows = measure_floor(options.repeats, options.sessions, DEFAULT_MAX_PARALLEL_JOBS,
+                             state.processes["prefect-server"])
+    return (
+        "<!-- floor -->\n## What Prefect itself costs for a job's shape (`make bench`)\n\n"
+        f"bench/floor.py on {EMBEDDED_STACK}: a bare session, a flow run in a process of its own with the flow "
+        "runs' settings, runs bare jobs, child flow runs of three empty tasks each (a job's pre-service, execute "
+        "and post-service with nothing in them), as a session runs its jobs (threads, one at a time or "
+        f"{DEFAULT_MAX_PARALLEL_JOBS} at once). None of this project's code runs: these are the floor under the "
+        "per-job rows above, measured in the same `make bench`. CPU is the session's process's own in its run, "
+        "and the Prefect server's over the same time.\n\n"
+        "| | median s | min s | max s | runs | against |\n|---|---|---|---|---|---|\n"
+        + "\n".join(rows) + "\n<!-- /floor -->"
+    )
+
+
 def measure_docker_jobs(repeats: int, folder: Path) -> str:
     """A docker job through `submit_job` against a raw `docker run` of its image, on the embedded stack;
     the runtime layer's build with pip and with uv."""
@@ -457,24 +482,31 @@ def measure_docker_jobs(repeats: int, folder: Path) -> str:
         image = bench.install()
         try:
             raw = [bench.raw_run(image) for _ in range(repeats * 2)]
+            imports = {modules: [bench.raw_import(image, modules) for _ in range(repeats * 2)]
+                       for modules in ("prefect.engine", "prefect.engine, flows.job")}
             jobs = [bench.job() for _ in range(repeats)]
         finally:
             bench.remove()
     raw_start = Figure("raw `docker run`, trigger to callback start", [sample[0] for sample in raw])
     raw_end = Figure("raw `docker run`, trigger to exit", [sample[1] for sample in raw])
+    imported = [Figure(f"raw `docker run`, trigger to `import {modules}` done", samples)
+                for modules, samples in imports.items()]
     start = Figure("docker job, trigger to callback start (`submit_job`)", [sample[0] for sample in jobs])
     run = Figure("docker job, flow run duration (in the container)", [sample[1] for sample in jobs])
     end = Figure("docker job, trigger to end", [sample[2] for sample in jobs])
-    for figure in (raw_start, raw_end, start, run, end):
+    for figure in (raw_start, raw_end, *imported, start, run, end):
         print(f"  {figure.name}: median {figure.median:.3f} s of {figure.samples}", flush=True)
     return (
         "<!-- docker -->\n## Docker jobs (`make bench`)\n\n"
         "The same trivial callback (it returns the time it started) in the same image (the worker image the "
         "installer built, with the runtime layer), as a `dcm-job` run on the `dcm-docker` pool (the prefect-docker "
         "worker starts one container per job, whose flow run does pre-service, execute and post-service) and as "
-        "`docker run --rm` of that image with the service module mounted. Ratios against the raw run, measured "
+        "`docker run --rm` of that image with the service module mounted. A job's container runs `python -m "
+        "prefect.engine`, which loads the job flow (`flows.job`): two more raw runs of the image only import those, "
+        "the least a container per job waits before its flow's first line. Ratios against the raw run, measured "
         "in the same run.\n\n| | median s | min s | max s | runs | against |\n|---|---|---|---|---|---|\n"
-        + "\n".join([raw_start.row(), raw_end.row(), start.row(raw_start), run.row(raw_end), end.row(raw_end)])
+        + "\n".join([raw_start.row(), raw_end.row(), *(figure.row(raw_start) for figure in imported),
+                     start.row(raw_start), run.row(raw_end), end.row(raw_end)])
         + "\n\nThe runtime layer (this project and its dependencies from the wheelhouse, into the image's own venv), "
         "built on the base image without Docker's build cache; ratio against pip:\n\n"
         "| | median s | min s | max s | runs | against |\n|---|---|---|---|---|---|\n"
