@@ -61,10 +61,14 @@ def bare_session(jobs: int, at_once: int) -> None:
             future.result()
 
 
+IDLE_SECONDS = 15.0
+"""How long the server's CPU is read with nothing running, for its background services' share."""
+
+
 @dataclass(frozen=True)
 class BareSample:
     """One bare session: its run's start to end, each child run's created to ended, and the CPU seconds the
-    session's process spent in the run and the Prefect server spent meanwhile."""
+    session's process spent in the run and the Prefect server spent meanwhile beyond its idle rate."""
 
     run_seconds: float
     job_seconds: list[float]
@@ -72,14 +76,22 @@ class BareSample:
     server_cpu: float
 
 
-def bare_session_run(jobs: int, at_once: int, server_pid: int) -> BareSample:
+def idle_cpu_rate(server_pid: int) -> float:
+    """The server's CPU seconds per second with no run going: its own services (scheduler, event persister,
+    the stack's pool workers' polls), which a bare session's figure must not be charged with."""
+    before = cpu_seconds(server_pid)
+    time.sleep(IDLE_SECONDS)
+    return (cpu_seconds(server_pid) - before) / IDLE_SECONDS
+
+
+def bare_session_run(jobs: int, at_once: int, server_pid: int, idle_rate: float) -> BareSample:
     """Run one bare session in a process of its own against the connected stack and read back what it cost."""
-    server_before = cpu_seconds(server_pid)
+    server_before, started = cpu_seconds(server_pid), time.monotonic()
     completed = subprocess.run(
         [sys.executable, "-m", "bench.floor", str(jobs), str(at_once)], env={**os.environ, **flow_run_variables()},
         check=True, capture_output=True, text=True,
     )
-    server_cpu = cpu_seconds(server_pid) - server_before
+    server_cpu = cpu_seconds(server_pid) - server_before - idle_rate * (time.monotonic() - started)
     measured = json.loads(completed.stdout.strip().splitlines()[-1])
     with get_client(sync_client=True) as client:
         session = client.read_flow_run(UUID(measured["flow_run_id"]))
@@ -97,9 +109,11 @@ def bare_session_run(jobs: int, at_once: int, server_pid: int) -> BareSample:
 
 def measure_floor(repeats: int, session_sizes: list[int], at_once: int, server_pid: int) -> list[str]:
     """Rows for bare sessions of the smallest size one job at a time and of the largest `at_once` at a time."""
+    idle_rate = idle_cpu_rate(server_pid)
+    print(f"  the Prefect server idle: {idle_rate:.3f} CPU seconds per second", flush=True)
     rows = []
     for size, parallel in ((session_sizes[0], 1), (session_sizes[-1], at_once)):
-        samples = [bare_session_run(size, parallel, server_pid) for _ in range(repeats)]
+        samples = [bare_session_run(size, parallel, server_pid, idle_rate) for _ in range(repeats)]
         label = f"bare session of {size} empty jobs, {'one at a time' if parallel == 1 else f'{parallel} at once'}"
         figures = [
             Figure(f"{label}: session run", [sample.run_seconds for sample in samples]),
@@ -107,7 +121,8 @@ def measure_floor(repeats: int, session_sizes: list[int], at_once: int, server_p
             Figure(f"{label}: one job run, created to ended",
                    [seconds for sample in samples for seconds in sample.job_seconds]),
             Figure(f"{label}: CPU per job, the session's process", [sample.session_cpu / size for sample in samples]),
-            Figure(f"{label}: CPU per job, the Prefect server", [sample.server_cpu / size for sample in samples]),
+            Figure(f"{label}: CPU per job, the Prefect server beyond its idle rate",
+                   [sample.server_cpu / size for sample in samples]),
         ]
         for figure in figures:
             print(f"  {figure.name}: median {figure.median:.3f} s of {figure.samples}", flush=True)

@@ -465,7 +465,8 @@ def measure_prefect_floor(options: argparse.Namespace, folder: Path) -> str:
         "and post-service with nothing in them), as a session runs its jobs (threads, one at a time or "
         f"{DEFAULT_MAX_PARALLEL_JOBS} at once). None of this project's code runs: these are the floor under the "
         "per-job rows above, measured in the same `make bench`. CPU is the session's process's own in its run, "
-        "and the Prefect server's over the same time.\n\n"
+        "and the Prefect server's over the same time beyond what it spends idle (its own services and the stack's "
+        "pool workers' polls, read for 15 s first).\n\n"
         "| | median s | min s | max s | runs | against |\n|---|---|---|---|---|---|\n"
         + "\n".join(rows) + "\n<!-- /floor -->"
     )
