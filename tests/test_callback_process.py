@@ -203,18 +203,22 @@ def test_a_callback_whose_run_process_died_while_it_started_never_runs(tmp_path:
 def test_a_callback_that_returned_as_its_run_process_died_leaves_what_it_returned(tmp_path: Path) -> None:
     source = (
         "import os, signal, threading, time\n"
+        "built = threading.Event()\n"
         "def kill_the_run_process(run_process):\n"
-        "    time.sleep(0.2)\n"
+        "    built.wait()\n"
+        "    time.sleep(0.05)\n"
         "    os.kill(run_process, signal.SIGKILL)\n"
         "def run():\n"
         "    threading.Thread(target=kill_the_run_process, args=(os.getppid(),)).start()\n"
-        "    return list(range(3_000_000))\n"
+        "    value = list(range(3_000_000))\n"
+        "    built.set()\n"
+        "    return value\n"
     )
 
     run_and_kill_the_run_process(tmp_path, source, interpreter_start_seconds=0, kill_after_seconds=60)
 
     result = tmp_path / "job" / "call" / "result.json"
-    for _ in range(100):
+    for _ in range(600):
         if result.exists():
             break
         time.sleep(0.1)
