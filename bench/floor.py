@@ -26,11 +26,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.context import SettingsContext, get_settings_context
-from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings
 
 from bench.figures import Figure
 from bench.load import cpu_seconds
 from flows.runtime.variables import flow_run_variables
+from flows.session import in_session_job_settings
 
 JOB_STEPS = 3
 """A job flow's tasks: pre-service, execute, post-service."""
@@ -52,9 +52,8 @@ def bare_job() -> None:
 def bare_session(jobs: int, at_once: int) -> None:
     """`jobs` bare jobs as child flow runs, `at_once` at a time in threads, as a session runs its jobs: with the
     options a session gives its jobs' runs (no heartbeats, no result or cache records)."""
-    settings = get_current_settings().copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
     with ThreadPoolExecutor(max_workers=at_once) as threads, SettingsContext(
-        profile=get_settings_context().profile, settings=settings
+        profile=get_settings_context().profile, settings=in_session_job_settings()
     ):
         futures = [threads.submit(contextvars.copy_context().run, bare_job) for _ in range(jobs)]
         for future in futures:

@@ -38,7 +38,7 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.context import FlowRunContext, SettingsContext, get_settings_context
 from prefect.exceptions import ObjectNotFound
-from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, Settings, get_current_settings
 from prefect.states import Cancelled, Cancelling, Failed, State
 
 from blocks.database import DcmDatabase, resolved_once
@@ -98,6 +98,13 @@ class QueueRouter:
         return JobRoute(environment, job.channel if self._known[key] else None)
 
 
+def in_session_job_settings() -> Settings:
+    """Prefect's settings for the job runs in a session's process: no heartbeats of their own. A job run lives and
+    dies with this session's process, whose heartbeat and crash handling (flows/crash.py) cover it; each
+    heartbeat is a write to the server's database."""
+    return get_current_settings().copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+
+
 class JobRunKeys:
     """The keys of a session attempt's child job runs: one of its own for each, in the order they start.
 
@@ -147,12 +154,8 @@ class SessionJobs:
         self._lock = threading.Lock()
         self._keys = JobRunKeys()
         self._polled = 0.0
-        # No heartbeats of their own: a job run lives and dies with this session's process, whose heartbeat
-        # and crash handling (flows/crash.py) cover it; each heartbeat is a write to the server's database.
         # Built once: a copy of Prefect's settings costs about 30 ms of CPU, and the jobs share one process.
-        self._job_settings = get_current_settings().copy_with_update(
-            updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
-        )
+        self._job_settings = in_session_job_settings()
 
     def __len__(self) -> int:
         return len(self.here) + len(self.on_pool_workers)
